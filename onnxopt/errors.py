@@ -1,0 +1,24 @@
+"""User-facing errors: one line saying what is wrong and what to do."""
+from __future__ import annotations
+
+
+class OnnxoptError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line, without a traceback."""
+
+    def __init__(self, problem: str, hint: str | None = None):
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{problem} ({hint})" if hint else problem)
+
+
+class PassFailedError(OnnxoptError):
+    """A pass produced a model that failed verification; `last_good` is the model before that pass."""
+
+    def __init__(self, pass_name: str, reason: str, last_good=None, report=None):
+        super().__init__(
+            f"pass '{pass_name}' broke the model: {reason}",
+            "the last good model is kept; rerun without this pass or with --debug",
+        )
+        self.pass_name = pass_name
+        self.last_good = last_good
+        self.report = report

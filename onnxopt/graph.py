@@ -1,0 +1,207 @@
+"""A read-only index over a GraphProto that passes query while matching: producers, consumers, constants.
+
+Weights may be initializers or Constant nodes (some exporters emit the latter); `constant()` treats
+both alike. The view never mutates the graph; rewrites build new nodes and apply them afterwards.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops whose output differs between runs: never folded, never merged.
+NONDETERMINISTIC_OPS = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+})
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, whichever attribute holds it (None for sparse values)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(onnx.helper.get_attribute_value(attr),
+                            dtype=np.float32 if attr.name == "value_float" else np.int64)
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(attr),
+                            dtype=np.float32 if attr.name == "value_floats" else np.int64)
+        if attr.name == "value_string":
+            return np.array(attr.s.decode(), dtype=object)
+        if attr.name == "value_strings":
+            return np.array([s.decode() for s in attr.strings], dtype=object)
+    return None
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                local.update(inner.output)
+            for inner in g.node:
+                names.update(n for n in inner.input if n and n not in local)
+                names.update(n for n in subgraph_inputs(inner) if n not in local)
+            names.update(o.name for o in g.output if o.name not in local)
+    return names
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+class GraphView:
+    """Producers, consumers and constant values of one graph, computed once."""
+
+    def __init__(self, graph: onnx.GraphProto, ir_version: int = onnx.IR_VERSION):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+            for name in subgraph_inputs(node):
+                self.consumers[name].append(node)
+        self.graph_inputs = {i.name for i in graph.input}
+        if ir_version < 4:
+            # Before IR 4 every initializer had to be listed as an input too; they are still weights.
+            self.graph_inputs -= set(self.initializers)
+        self.graph_outputs = {o.name for o in graph.output}
+        self._constants: dict[str, np.ndarray] = {}
+
+    def is_constant(self, name: str) -> bool:
+        # An initializer that is also a graph input can be overridden at run time: not a constant.
+        if name in self.initializers:
+            return name not in self.graph_inputs
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor, or None if `name` is computed at run time."""
+        if name in self._constants:
+            return self._constants[name]
+        if not self.is_constant(name):
+            return None
+        if name in self.initializers:
+            value = numpy_helper.to_array(self.initializers[name])
+        else:
+            value = constant_node_value(self.producer[name])
+        if value is not None:
+            self._constants[name] = value
+        return value
+
+    def single_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The one node reading `name`, if exactly one does and it is not a graph output."""
+        users = self.consumers.get(name, [])
+        if len(users) == 1 and name not in self.graph_outputs:
+            return users[0]
+        return None
+
+    @cached_property
+    def value_info(self) -> dict[str, onnx.ValueInfoProto]:
+        infos = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            infos[vi.name] = vi
+        return infos
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor if shape inference or a constant tells it."""
+        value = self.constant(name) if self.is_constant(name) else None
+        if value is not None:
+            return value.ndim
+        vi = self.value_info.get(name)
+        if vi is not None and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+        return None
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a tensor if every dim is known."""
+        value = self.constant(name) if self.is_constant(name) else None
+        if value is not None:
+            return value.shape
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            return tuple(d.dim_value for d in dims)
+        return None
+
+
+class NameGenerator:
+    """Fresh tensor/node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        for node in graph.node:
+            self.used.update(node.output)
+            self.used.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+# Initializers above this size are replaced by typed inputs before shape inference: inference
+# serializes the model, and it needs only the values of small (shape-like) tensors.
+_SKELETON_BYTES = 4096
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs (cheap to serialize)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    inputs = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) <= _SKELETON_BYTES:
+            graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return light
+
+
+def infer_shapes_light(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Fully static shapes of tensors, as onnx shape inference finds them (empty dict if it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    except Exception:
+        return {}
+    shapes = {}
+    graph = inferred.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    return shapes
+
+
+def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Inferred type/shape of every tensor (graph inputs, intermediates, outputs)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+    except Exception:
+        return {}
+    graph = inferred.graph
+    return {vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}

@@ -1,0 +1,184 @@
+"""The PassManager: runs a pipeline, verifies after each pass, times it and records what changed.
+
+Consecutive cleanup passes (`fixed_point = True`) are rerun as a group until none changes anything.
+Each pass works on a copy, so when one breaks the model the manager stops with that pass's name and
+the last good model is still at hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from .errors import OnnxoptError, PassFailedError
+from .model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from .pass_api import Pass, PassContext, PassResult
+from .stats import model_stats
+from .validation import Agreement, compare_outputs, reference_scale
+
+log = logging.getLogger("onnxopt")
+
+Verify = Literal["none", "structure", "numeric"]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    iteration: int
+    changed: bool
+    seconds: float
+    counts: dict[str, int]
+    skipped: list[str]
+    notes: list[str]
+    nodes: tuple[int, int]
+    parameters: tuple[int, int]
+    size_bytes: tuple[int, int]
+    agreement: Agreement | None = None
+    details: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+class Verifier:
+    """Structural checks (checker, strict shape inference) and an optional numeric comparison.
+
+    A check that already fails on the input model is switched off with a note rather than blamed
+    on the first pass.
+    """
+
+    def __init__(self, model: onnx.ModelProto, mode: Verify, ctx: PassContext, rtol: float, atol: float):
+        self.mode = mode
+        self.ctx = ctx
+        self.rtol, self.atol = rtol, atol
+        self.notes: list[str] = []
+        self.checks = {"checker": _check_model, "shape inference": _infer_shapes} if mode != "none" else {}
+        for name, check in list(self.checks.items()):
+            problem = check(model)
+            if problem:
+                self.notes.append(f"{name} already fails on the input model ({problem}); not checked after passes")
+                del self.checks[name]
+        self.reference: list[list[np.ndarray]] | None = None
+        if mode == "numeric":
+            if not ctx.sample_inputs:
+                raise OnnxoptError("--verify numeric needs sample inputs", "give --data or --shape for dynamic inputs")
+            self.reference = self._outputs(model)
+
+    def _outputs(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        from .runtime import make_session
+        from .validation import run
+
+        session = make_session(model, self.ctx.ep)
+        return [run(session, feeds) for feeds in self.ctx.sample_inputs]
+
+    def verify(self, model: onnx.ModelProto, lossy: bool) -> tuple[str | None, Agreement | None]:
+        """(failure reason or None, agreement with the input model when numeric)."""
+        for name, check in self.checks.items():
+            problem = check(model)
+            if problem:
+                return f"{name}: {problem}", None
+        if self.reference is None:
+            return None, None
+        try:
+            outputs = self._outputs(model)
+        except OnnxoptError as exc:
+            return f"ONNX Runtime cannot run the result: {exc}", None
+        worst = None
+        for ref, out in zip(self.reference, outputs):
+            agreement = compare_outputs(ref, out)
+            if not lossy and not agreement.within(self.rtol, self.atol, reference_scale(ref)):
+                return (f"outputs differ from the input model (max abs error {agreement.max_abs_error:.3g}, "
+                        f"tolerance {self.atol:g} + {self.rtol:g} x {reference_scale(ref):.3g})"), agreement
+            if worst is None or agreement.max_abs_error > worst.max_abs_error:
+                worst = agreement
+        return None, worst
+
+
+def _check_model(model: onnx.ModelProto) -> str | None:
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return None  # the checker serializes the model, impossible past 2 GB; shape inference still runs
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        return str(exc).strip().splitlines()[0][:300]
+    return None
+
+
+def _infer_shapes(model: onnx.ModelProto) -> str | None:
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        return str(exc).strip().splitlines()[0][:300]
+    return None
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], *, verify: Verify = "structure", ctx: PassContext | None = None,
+                 max_iterations: int = 4, rtol: float = 1e-4, atol: float = 1e-5):
+        self.passes = passes
+        self.verify_mode = verify
+        self.ctx = ctx or PassContext()
+        self.max_iterations = max_iterations
+        self.rtol, self.atol = rtol, atol
+        self.records: list[PassRecord] = []
+        self.notes: list[str] = []
+
+    def groups(self) -> list[list[Pass]]:
+        """Consecutive fixed-point passes form one group; every other pass stands alone."""
+        groups: list[list[Pass]] = []
+        for p in self.passes:
+            if p.fixed_point and groups and groups[-1][-1].fixed_point:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        return groups
+
+    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        verifier = Verifier(model, self.verify_mode, self.ctx, self.rtol, self.atol)
+        self.notes.extend(verifier.notes)
+        for group in self.groups():
+            iterations = self.max_iterations if group[0].fixed_point else 1
+            for iteration in range(1, iterations + 1):
+                changed = False
+                for p in group:
+                    model, record = self._run_one(p, model, verifier, iteration)
+                    changed |= record.changed
+                if not changed:
+                    break
+        return model
+
+    def _run_one(self, p: Pass, model: onnx.ModelProto, verifier: Verifier,
+                 iteration: int) -> tuple[onnx.ModelProto, PassRecord]:
+        before = model_stats(model)
+        start = time.perf_counter()
+        try:
+            result: PassResult = p.run(copy_model(model), self.ctx)
+        except OnnxoptError:
+            raise
+        except Exception as exc:
+            raise PassFailedError(p.name, f"{type(exc).__name__}: {exc}", last_good=model) from exc
+        seconds = time.perf_counter() - start
+        problem, agreement = verifier.verify(result.model, p.lossy) if result.changed else (None, None)
+        if problem:
+            raise PassFailedError(p.name, problem, last_good=model)
+        after = model_stats(result.model) if result.changed else before
+        record = PassRecord(
+            name=p.name, iteration=iteration, changed=result.changed, seconds=seconds,
+            counts=result.counts, skipped=result.skipped, notes=result.notes,
+            nodes=(before.nodes, after.nodes), parameters=(before.parameters, after.parameters),
+            size_bytes=(before.size_bytes, after.size_bytes), agreement=agreement, details=result.details,
+        )
+        self.records.append(record)
+        log.info("%s (iteration %d): %s in %.2fs", p.name, iteration,
+                 record.counts if record.changed else "no change", seconds)
+        return (result.model if result.changed else model), record

@@ -1,0 +1,152 @@
+"""Loading and saving ONNX models: clear errors for bad files, atomic writes, external data past 2 GB."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxoptError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Past this many bytes of tensor data a model is saved with external data: protobuf cannot
+# serialize a message over 2 GB, and the rest of the model needs some headroom.
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Reads an ONNX file (and its external data), or raises OnnxoptError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxoptError(f"no such file: {path}", "check the path")
+    if path.is_dir():
+        raise OnnxoptError(f"{path} is a directory, not an ONNX file", "pass the .onnx file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise OnnxoptError(f"{path} is empty", "re-export the model")
+    if size > PROTOBUF_LIMIT:
+        raise OnnxoptError(
+            f"{path} is {size / 2**30:.1f} GB in one file; protobuf cannot read a message over 2 GB",
+            "re-save it with its weights as external data (onnx.save_model(..., save_as_external_data=True))",
+        )
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise OnnxoptError(
+            f"{path} is not a valid ONNX model (protobuf parse failed: {_first_line(exc)})",
+            "is the file truncated, or another format?",
+        ) from exc
+    if not model.opset_import or not model.HasField("graph"):
+        raise OnnxoptError(f"{path} is not an ONNX model (no graph or opset)", "is it another format?")
+    _load_external_data(model, path)
+    check_opset(model, str(path))
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
+
+    missing = sorted({
+        loc for t in _get_all_tensors(model) if uses_external_data(t)
+        for loc in [_external_location(t)] if not (path.parent / loc).exists()
+    })
+    if missing:
+        raise OnnxoptError(
+            f"{path} refers to external data file(s) {', '.join(missing)} that are missing",
+            f"keep them next to the model in {path.parent}",
+        )
+    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+        load_external_data_for_model(model, str(path.parent))
+
+
+def _external_location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def check_opset(model: onnx.ModelProto, where: str = "the model") -> None:
+    """Raises when the default-domain opset is one onnx (and so ORT) does not know."""
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not 1 <= imp.version <= newest:
+            raise OnnxoptError(
+                f"{where} uses opset {imp.version}, but this onnx supports opsets 1 to {newest}",
+                "convert it with onnx.version_converter or upgrade onnx/onnxruntime",
+            )
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held by initializers and Constant nodes (what decides external data)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    total = 0
+    for t in _get_all_tensors(model):
+        total += len(t.raw_data) or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * _numel(t)
+    return total
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Writes atomically (temp file in the same folder, then rename); external data when over 2 GB.
+
+    `external_data=None` decides by size; the data file is `<name>.data` beside the model.
+    """
+    path = Path(path)
+    check_writable(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tmp_model = tmpdir / path.name
+        if external_data:
+            data_name = path.name + ".data"
+            # onnx converts tensors to external in place; the caller's model must stay whole.
+            onnx.save_model(_copy(model), str(tmp_model),
+                            save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        else:
+            tmp_model.write_bytes(model.SerializeToString())
+        os.replace(tmp_model, path)
+    except OSError as exc:
+        raise OnnxoptError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable output path") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def check_writable(path: Path) -> None:
+    """Fails early, before any work, when the output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OnnxoptError(f"output {path} is a directory", "give a file name ending in .onnx")
+    if not parent.is_dir():
+        raise OnnxoptError(f"cannot write {path}: folder {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OnnxoptError(f"cannot write {path}: permission denied", "choose a writable output path")
+
+
+def file_size(model: onnx.ModelProto) -> int:
+    """Bytes the model takes on disk (serialized proto plus its tensor data)."""
+    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return tensor_bytes(model) + sum(n.ByteSize() for n in model.graph.node)
+    return model.ByteSize()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

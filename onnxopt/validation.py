@@ -1,0 +1,85 @@
+"""Comparing and timing two models under ONNX Runtime.
+
+Latency is measured alternately (A, B, A, B...) in one process so that both see the same machine
+state; medians and p90 are reported. Agreement is max abs error and cosine over each output, plus
+top-1 agreement for outputs shaped like classifier scores [batch, classes].
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclasses.dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclasses.dataclass
+class Agreement:
+    max_abs_error: float
+    cosine: float
+    top1: float | None = None
+
+    def within(self, rtol: float, atol: float, ref_scale: float) -> bool:
+        return self.max_abs_error <= atol + rtol * ref_scale
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Agreement:
+    """Worst agreement over all outputs."""
+    if len(reference) != len(candidate):
+        return Agreement(float("inf"), 0.0)
+    worst = Agreement(0.0, 1.0)
+    for ref, out in zip(reference, candidate):
+        ref = np.asarray(ref)
+        out = np.asarray(out)
+        if ref.shape != out.shape:
+            return Agreement(float("inf"), 0.0)
+        if not np.issubdtype(ref.dtype, np.number) and ref.dtype != np.bool_:
+            same = bool(np.array_equal(ref, out))
+            worst.max_abs_error = max(worst.max_abs_error, 0.0 if same else float("inf"))
+            continue
+        a = ref.astype(np.float64).ravel()
+        b = out.astype(np.float64).ravel()
+        if a.size:
+            worst.max_abs_error = max(worst.max_abs_error, float(np.max(np.abs(a - b))))
+            norm = np.linalg.norm(a) * np.linalg.norm(b)
+            cosine = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
+            worst.cosine = min(worst.cosine, cosine)
+        if ref.ndim == 2 and ref.shape[1] > 1 and np.issubdtype(ref.dtype, np.floating):
+            top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
+            worst.top1 = top1 if worst.top1 is None else min(worst.top1, top1)
+    return worst
+
+
+def reference_scale(outputs: list[np.ndarray]) -> float:
+    return max((float(np.max(np.abs(o))) for o in outputs
+                if np.issubdtype(np.asarray(o).dtype, np.number) and np.asarray(o).size), default=0.0)
+
+
+def measure_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
+                    runs: int = 50, warmup: int = 3) -> dict[str, Latency]:
+    """Alternating timings of each session on the same feeds."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            run(session, feeds)
+    samples: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(runs):
+        for label, session in sessions.items():
+            start = time.perf_counter()
+            run(session, feeds)
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return {
+        label: Latency(float(np.median(times)), float(np.percentile(times, 90)), runs)
+        for label, times in samples.items()
+    }

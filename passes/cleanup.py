@@ -1,0 +1,166 @@
+"""Graph cleanup steps shared by the folding pass: dead code, identities, duplicates.
+
+Each step takes a GraphProto, edits it in place and returns how many things it removed. Tensors that
+a subgraph (If/Loop/Scan body) reads from the outer scope are never renamed: the body would lose them.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import networkx as nx
+import onnx
+
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, subgraph_inputs
+
+SINK = "__graph_outputs__"
+
+
+def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names |= subgraph_inputs(node)
+    return names
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Removes nodes that no graph output depends on (reachability in the dataflow graph)."""
+    view = GraphView(graph)
+    flow = nx.DiGraph()
+    flow.add_node(SINK)
+    for index, node in enumerate(graph.node):
+        flow.add_node(index)
+        for name in list(node.input) + sorted(subgraph_inputs(node)):
+            producer = view.producer.get(name)
+            if producer is not None:
+                flow.add_edge(_index(view, producer), index)
+    for out in graph.output:
+        producer = view.producer.get(out.name)
+        if producer is not None:
+            flow.add_edge(_index(view, producer), SINK)
+    live = nx.ancestors(flow, SINK)
+    dead = [node for index, node in enumerate(graph.node) if index not in live]
+    _remove_nodes(graph, dead)
+    return len(dead)
+
+
+def _index(view: GraphView, node: onnx.NodeProto) -> int:
+    if not hasattr(view, "_node_index"):
+        view._node_index = {id(n): i for i, n in enumerate(view.graph.node)}
+    return view._node_index[id(node)]
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> int:
+    used = {name for node in graph.node for name in node.input} | outer_scope_names(graph)
+    used |= {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    inputs = {i.name for i in graph.input}
+    for value in [v for v in graph.value_info if v.name in {t.name for t in unused} - inputs]:
+        graph.value_info.remove(value)
+    return len(unused)
+
+
+def remove_identities(graph: onnx.GraphProto) -> int:
+    """Bypasses Identity and inference-mode Dropout (when its mask is unused)."""
+    view = GraphView(graph)
+    pinned = outer_scope_names(graph) | view.graph_inputs | set(view.initializers)
+    removed = []
+    for node in graph.node:
+        if not _is_passthrough(node, view):
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst in pinned or src in outer_scope_names(graph):
+            continue
+        if dst in view.graph_outputs:
+            # Keep the output's name: rename the source to it, if the source is an ordinary tensor.
+            if src in pinned or src in view.graph_outputs or src not in view.producer:
+                continue
+            _rename(graph, {src: dst}, producers=True)
+        else:
+            _rename(graph, {dst: src})
+        removed.append(node)
+    _remove_nodes(graph, removed)
+    return len(removed)
+
+
+def _is_passthrough(node: onnx.NodeProto, view: GraphView) -> bool:
+    if node.domain not in ("", "ai.onnx") or not node.input or not node.input[0]:
+        return False
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Dropout":
+        return False
+    if len(node.output) > 1 and node.output[1] and view.consumers.get(node.output[1]):
+        return False
+    if len(node.output) > 1 and node.output[1] in view.graph_outputs:
+        return False
+    training = node.input[2] if len(node.input) > 2 else ""
+    if not training:
+        return True
+    value = view.constant(training)
+    return value is not None and not bool(value)
+
+
+def eliminate_duplicates(graph: onnx.GraphProto) -> int:
+    """Merges initializers with equal contents, then nodes with equal op, inputs and attributes."""
+    view = GraphView(graph)
+    pinned = outer_scope_names(graph) | view.graph_inputs | view.graph_outputs
+    mapping: dict[str, str] = {}
+    seen_tensors: dict[tuple, str] = {}
+    for tensor in graph.initializer:
+        if tensor.name in pinned or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        payload = tensor.raw_data or _without_name(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha1(payload).hexdigest())
+        if key in seen_tensors:
+            mapping[tensor.name] = seen_tensors[key]
+        else:
+            seen_tensors[key] = tensor.name
+    merged_tensors = len(mapping)
+    _rename(graph, mapping)
+
+    seen_nodes: dict[tuple, onnx.NodeProto] = {}
+    duplicates = []
+    node_mapping: dict[str, str] = {}
+    for node in graph.node:
+        node.input[:] = [node_mapping.get(n, n) for n in node.input]
+        if node.op_type in NONDETERMINISTIC_OPS or has_subgraph(node) or pinned & set(node.output):
+            continue
+        key = (node.domain, node.op_type, tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))
+        first = seen_nodes.get(key)
+        if first is None:
+            seen_nodes[key] = node
+            continue
+        node_mapping.update(zip(node.output, first.output))
+        duplicates.append(node)
+    _remove_nodes(graph, duplicates)
+    return merged_tensors + len(duplicates)
+
+
+def _without_name(tensor: onnx.TensorProto) -> bytes:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.name = ""
+    return copy.SerializeToString()
+
+
+def _rename(graph: onnx.GraphProto, mapping: dict[str, str], producers: bool = False) -> None:
+    if not mapping:
+        return
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        if producers:
+            node.output[:] = [mapping.get(n, n) for n in node.output]
+    for vi in graph.value_info:
+        if producers and vi.name in mapping:
+            vi.name = mapping[vi.name]
+
+
+def _remove_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    if not nodes:
+        return
+    doomed = {id(n) for n in nodes}
+    kept = [n for n in graph.node if id(n) not in doomed]
+    del graph.node[:]
+    graph.node.extend(kept)

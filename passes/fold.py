@@ -1,0 +1,236 @@
+"""Constant folding and graph cleanup (`fold`).
+
+A node whose inputs are all constants (initializers that are not graph inputs, Constant nodes, or
+outputs of other such nodes) is evaluated once, ahead of time, and its outputs become initializers.
+Shape and Size of tensors whose shape inference gives a fully static shape are constants too, which
+turns shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape) into plain initializers.
+The whole constant subgraph runs as one ONNX Runtime session; when ORT refuses it, nodes are evaluated
+one by one with ORT and then the onnx reference evaluator, and those neither can run are left as they
+are and reported. Then dead nodes, Identity/Dropout and duplicate tensors/nodes are removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from onnxopt import Pass, PassContext, PassResult, option
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_shapes_light
+
+from . import cleanup
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+    max_folded_mb: float = option(0.0, "leave a node unfolded if its outputs would exceed this many MB (0: no limit)")
+    fold_shapes: bool = option(True, "turn Shape/Size of statically shaped tensors into constants")
+    remove_identity: bool = option(True, "bypass Identity and inference-mode Dropout")
+    dedupe: bool = option(True, "merge equal initializers and identical nodes (common subexpressions)")
+
+    def __post_init__(self):
+        if self.max_folded_mb < 0:
+            raise ValueError("max_folded_mb must be >= 0")
+
+
+class FoldConstants(Pass):
+    """Fold constant subgraphs (shape arithmetic included); remove dead, identity and duplicate nodes."""
+
+    name = "fold"
+    Options = FoldOptions
+    fixed_point = True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        counts: Counter[str] = Counter()
+        skipped: list[str] = []
+        counts["legacy initializer inputs dropped"] = drop_legacy_initializer_inputs(model)
+        counts["constant nodes to initializers"] = constants_to_initializers(graph)
+        if self.options.fold_shapes:
+            counts["shapes made static"] = fold_static_shapes(model)
+        folded, reasons = fold_constant_nodes(model, self.options.max_folded_mb)
+        counts["nodes folded"] = folded
+        skipped.extend(reasons)
+        if self.options.remove_identity:
+            counts["identities removed"] = cleanup.remove_identities(graph)
+        if self.options.dedupe:
+            counts["duplicates merged"] = cleanup.eliminate_duplicates(graph)
+        counts["dead nodes removed"] = cleanup.remove_dead_nodes(graph)
+        counts["unused initializers removed"] = cleanup.remove_unused_initializers(graph)
+        prune_value_info(graph)
+        counts = Counter({k: v for k, v in counts.items() if v})
+        return PassResult(model, changed=bool(counts), counts=dict(counts), skipped=skipped)
+
+
+def drop_legacy_initializer_inputs(model: onnx.ModelProto) -> int:
+    """IR < 4 listed every initializer as a graph input; drop those inputs and move to IR 4.
+
+    Otherwise an initializer removed by folding would leave behind a required input nobody feeds.
+    """
+    if model.ir_version >= 4:
+        return 0
+    names = {t.name for t in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in names]
+    dropped = len(model.graph.input) - len(kept)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = 4
+    return dropped
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Constant nodes become initializers (sparse values are left alone)."""
+    view = GraphView(graph)
+    moved = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = view.constant(node.output[0])
+            if value is not None and value.dtype != object:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                moved.append(node)
+    cleanup._remove_nodes(graph, moved)
+    return len(moved)
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> int:
+    """Shape/Size nodes whose input has a fully known shape become initializers."""
+    shapes = infer_shapes_light(model)
+    graph = model.graph
+    replaced = []
+    for node in graph.node:
+        if node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
+            continue
+        shape = shapes.get(node.input[0])
+        if shape is None:
+            continue
+        if node.op_type == "Size":
+            value = np.array(int(np.prod(shape)), dtype=np.int64)
+        else:
+            attrs = {a.name: a.i for a in node.attribute}
+            start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+            value = np.array(shape[slice(start, end)], dtype=np.int64)
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        replaced.append(node)
+    cleanup._remove_nodes(graph, replaced)
+    return len(replaced)
+
+
+@dataclasses.dataclass
+class Opset:
+    imports: list[onnx.OperatorSetIdProto]
+    ir_version: int
+
+
+def _foldable(node: onnx.NodeProto, view: GraphView, constants: set[str]) -> bool:
+    inputs = [n for n in node.input if n]
+    return (node.domain in ("", "ai.onnx") and node.op_type not in NONDETERMINISTIC_OPS
+            and node.op_type != "Constant" and not has_subgraph(node) and bool(inputs)
+            and all(n in constants for n in inputs))
+
+
+def fold_constant_nodes(model: onnx.ModelProto, max_mb: float) -> tuple[int, list[str]]:
+    """Evaluates every node fed only by constants; returns (nodes folded, reasons for nodes left)."""
+    graph = model.graph
+    opset = Opset(list(model.opset_import), model.ir_version)
+    view = GraphView(graph)
+    constants = {name for name in view.initializers if view.is_constant(name)}
+    foldable = []
+    for node in graph.node:
+        if _foldable(node, view, constants):
+            foldable.append(node)
+            constants.update(o for o in node.output if o)
+    if not foldable:
+        return 0, []
+    folded_ids = {id(n) for n in foldable}
+    needed = [o for n in foldable for o in n.output if o and (
+        o in view.graph_outputs or any(id(c) not in folded_ids for c in view.consumers.get(o, [])))]
+    values, reasons = evaluate(foldable, needed, view, opset)
+    if max_mb > 0:
+        for name in [n for n, v in values.items() if v.nbytes > max_mb * 2**20]:
+            reasons.append(f"{name}: folded value would be {values.pop(name).nbytes / 2**20:.1f} MB")
+    # A node is removed only when every needed output of it has a value; the rest stays in the graph.
+    removable = [n for n in foldable if all(o in values for o in n.output if o in needed)]
+    keep = {id(n) for n in foldable} - {id(n) for n in removable}
+    if keep:
+        removable = _without_sources_of(removable, [n for n in foldable if id(n) in keep])
+    for name in needed:
+        if name in values and any(id(view.producer[name]) == id(n) for n in removable):
+            graph.initializer.append(numpy_helper.from_array(values[name], name))
+    cleanup._remove_nodes(graph, removable)
+    return len(removable), reasons
+
+
+def _without_sources_of(removable: list[onnx.NodeProto], kept: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Nodes that feed a kept (unevaluable) node must stay so that it still has its inputs."""
+    producers = {o: n for n in removable for o in n.output}
+    stay: set[int] = set()
+    stack = [i for n in kept for i in n.input]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in stay:
+            stay.add(id(node))
+            stack.extend(node.input)
+    return [n for n in removable if id(n) not in stay]
+
+
+def evaluate(nodes: list[onnx.NodeProto], outputs: list[str], view: GraphView,
+             opset: Opset) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Runs the constant nodes; falls back to one node at a time where the whole set fails."""
+    try:
+        return dict(zip(outputs, _run(nodes, outputs, view, opset))), []
+    except Exception:
+        pass
+    values: dict[str, np.ndarray] = {}
+    reasons = []
+    for node in nodes:
+        feeds = {n: values[n] if n in values else view.constant(n) for n in node.input if n}
+        if any(v is None for v in feeds.values()):
+            reasons.append(f"{node.op_type} '{node.name}': an input could not be computed")
+            continue
+        outs = [o for o in node.output if o]
+        try:
+            results = _run([node], outs, view, opset, feeds)
+        except Exception as exc:
+            try:
+                from onnx.reference import ReferenceEvaluator
+
+                results = ReferenceEvaluator(_model([node], outs, {}, opset)).run(None, feeds)
+            except Exception:
+                reasons.append(f"{node.op_type} '{node.name}': neither ORT nor the reference evaluator ran it "
+                               f"({str(exc).splitlines()[0][:120]})")
+                continue
+        values.update(zip(outs, (np.asarray(r) for r in results)))
+    return {k: v for k, v in values.items() if k in set(outputs)}, reasons
+
+
+def _model(nodes, outputs, initializers, opset) -> onnx.ModelProto:
+    inputs = sorted({n for node in nodes for n in node.input if n} - {o for node in nodes for o in node.output})
+    graph = onnx.helper.make_graph(
+        list(nodes), "fold", [], [onnx.ValueInfoProto(name=o) for o in outputs],
+        initializer=[numpy_helper.from_array(initializers[n], n) for n in inputs if n in initializers])
+    if set(inputs) - set(initializers):
+        graph.input.extend(onnx.ValueInfoProto(name=n) for n in inputs if n not in initializers)
+    return onnx.helper.make_model(graph, opset_imports=opset.imports, ir_version=opset.ir_version)
+
+
+def _run(nodes, outputs, view: GraphView, opset, feeds: dict | None = None) -> list[np.ndarray]:
+    if feeds is None:
+        inputs = {n for node in nodes for n in node.input if n} - {o for node in nodes for o in node.output}
+        feeds = {n: view.constant(n) for n in inputs}
+    model = _model(nodes, outputs, feeds, opset)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(outputs, {})
+
+
+def prune_value_info(graph: onnx.GraphProto) -> None:
+    """Drops value_info entries of tensors that no longer exist."""
+    alive = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    stale = [v for v in graph.value_info if v.name not in alive]
+    for value in stale:
+        graph.value_info.remove(value)

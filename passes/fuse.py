@@ -1,0 +1,139 @@
+"""Operator fusion (`fuse`): BatchNormalization into the Conv/ConvTranspose before it, MatMul+Add into Gemm.
+
+Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
+s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
+[C_in, C_out / group, k...], so output channel g * (C_out / group) + j sits at group g, axis-1 index j.
+MatMul+Add: MatMul(A, B) + C = Gemm(A, B, C) when A is 2-D, B a constant 2-D weight and C a constant
+broadcastable to one row ([N] or [1, N]); Gemm accepts exactly that, so nothing else is rewritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxopt import Pass, PassContext, PassResult, option
+from onnxopt.graph import GraphView, NameGenerator, infer_value_info
+from onnxopt.rewrite import Match, Replacement, apply_rules
+
+from .cleanup import remove_unused_initializers
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class ConvBatchNorm:
+    """Conv or ConvTranspose followed by an inference-mode BatchNormalization."""
+
+    def __init__(self, conv_op: str):
+        self.conv_op = conv_op
+        self.name = f"{conv_op}+BatchNormalization"
+
+    def match(self, node, view: GraphView) -> Match | None:
+        if node.op_type != self.conv_op or node.domain not in ("", "ai.onnx"):
+            return None
+        bn = view.single_consumer(node.output[0])
+        if bn is None or bn.op_type != "BatchNormalization" or bn.input[0] != node.output[0]:
+            return None
+        return Match([node, bn], {"conv": node, "bn": bn})
+
+    def check(self, match: Match, view: GraphView) -> str | None:
+        conv, bn = match.values["conv"], match.values["bn"]
+        if _attr(bn, "training_mode", 0) or (len(bn.output) > 1 and any(bn.output[1:])):
+            return "BatchNormalization is in training mode"
+        if view.constant(conv.input[1]) is None:
+            return "weight is not constant"
+        if len(conv.input) > 2 and conv.input[2] and view.constant(conv.input[2]) is None:
+            return "bias is not constant"
+        if any(view.constant(n) is None for n in bn.input[1:5]):
+            return "BatchNormalization statistics are not constant"
+        if not np.issubdtype(view.constant(conv.input[1]).dtype, np.floating):
+            return "weight is not floating point"
+        return None
+
+    def replace(self, match: Match, view: GraphView, names: NameGenerator) -> Replacement:
+        conv, bn = match.values["conv"], match.values["bn"]
+        weight = view.constant(conv.input[1])
+        scale, shift, mean, var = (view.constant(n).astype(np.float64) for n in bn.input[1:5])
+        s = scale / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        bias = view.constant(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        if self.conv_op == "Conv":
+            new_weight = weight * s.reshape((-1,) + (1,) * (weight.ndim - 1))
+        else:
+            group = _attr(conv, "group", 1)
+            per_group = weight.reshape((group, weight.shape[0] // group) + weight.shape[1:])
+            factor = s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+            new_weight = (per_group * factor).reshape(weight.shape)
+        new_bias = (bias - mean) * s + shift
+        w_name, b_name = names(conv.input[1] + "_bn"), names(bn.output[0] + "_bias")
+        fused = onnx.NodeProto()
+        fused.CopyFrom(conv)
+        fused.input[:] = [conv.input[0], w_name, b_name]
+        fused.output[:] = [bn.output[0]]
+        return Replacement([fused], [numpy_helper.from_array(new_weight.astype(weight.dtype), w_name),
+                                     numpy_helper.from_array(new_bias.astype(weight.dtype), b_name)])
+
+
+class MatMulAddToGemm:
+    name = "MatMul+Add->Gemm"
+
+    def match(self, node, view: GraphView) -> Match | None:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            return None
+        add = view.single_consumer(node.output[0])
+        if add is None or add.op_type != "Add":
+            return None
+        bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        return Match([node, add], {"matmul": node, "add": add, "bias": bias})
+
+    def check(self, match: Match, view: GraphView) -> str | None:
+        a, b = match.values["matmul"].input
+        weight, bias = view.constant(b), view.constant(match.values["bias"])
+        if weight is None or bias is None:
+            return "weight or bias is not constant"
+        if view.rank(a) != 2:
+            return "input is not 2-D (Gemm needs 2-D)"
+        if weight.ndim != 2 or weight.dtype not in (np.float32, np.float64, np.float16):
+            return "weight is not a 2-D float matrix"
+        if bias.shape not in ((weight.shape[1],), (1, weight.shape[1])):
+            return "bias does not broadcast as one row"
+        return None
+
+    def replace(self, match: Match, view: GraphView, names: NameGenerator) -> Replacement:
+        matmul, add = match.values["matmul"], match.values["add"]
+        gemm = onnx.helper.make_node("Gemm", [matmul.input[0], matmul.input[1], match.values["bias"]],
+                                     [add.output[0]], name=names(matmul.name or "gemm"))
+        return Replacement([gemm])
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseOptions:
+    conv_bn: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose")
+    gemm: bool = option(True, "turn MatMul+Add with a constant 2-D weight into Gemm")
+
+
+class FuseOps(Pass):
+    """Fuse Conv+BatchNormalization (and ConvTranspose+BN) and MatMul+Add into Gemm."""
+
+    name = "fuse"
+    Options = FuseOptions
+    fixed_point = True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        rules = []
+        if self.options.conv_bn:
+            rules += [ConvBatchNorm("Conv"), ConvBatchNorm("ConvTranspose")]
+        if self.options.gemm:
+            rules.append(MatMulAddToGemm())
+        value_info = infer_value_info(model) if self.options.gemm else None
+        outcome = apply_rules(model.graph, rules, value_info)
+        if outcome.counts:
+            remove_unused_initializers(model.graph)
+        return PassResult(model, changed=bool(outcome.counts), counts=dict(outcome.counts),
+                          skipped=outcome.skip_lines())
