@@ -70,18 +70,25 @@ def reference_scale(outputs: list[np.ndarray]) -> float:
 
 
 def measure_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
-                    runs: int = 50, warmup: int = 3) -> dict[str, Latency]:
-    """Alternating timings of each session on the same feeds."""
+                    runs: int = 50, warmup: int = 3, min_seconds: float = 1.0) -> dict[str, Latency]:
+    """Alternating timings of each session on the same feeds.
+
+    At least `runs` rounds, and more (up to 20x) until `min_seconds` have passed: a sub-millisecond
+    model needs thousands of runs before its median stops moving.
+    """
     for session in sessions.values():
         for _ in range(warmup):
             run(session, feeds)
     samples: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(runs):
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < runs or (time.perf_counter() - started < min_seconds and rounds < 20 * runs):
         for label, session in sessions.items():
             start = time.perf_counter()
             run(session, feeds)
             samples[label].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
     return {
-        label: Latency(float(np.median(times)), float(np.percentile(times, 90)), runs)
+        label: Latency(float(np.median(times)), float(np.percentile(times, 90)), len(times))
         for label, times in samples.items()
     }

@@ -1,0 +1,197 @@
+"""The `fold` pass: constant folding, static shapes, identities, duplicates, dead code."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_same_outputs, op_types, parse, run_pass
+
+from onnxopt.passes.fold import FoldConstants
+
+SHAPE_ARITHMETIC = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 3, 4] x) => (float[2, 12] y) {
+    s = Shape(x)
+    i0 = Constant<value = int64[1] {0}>()
+    d0 = Gather<axis = 0>(s, i0)
+    rest = Constant<value = int64[1] {-1}>()
+    new_shape = Concat<axis = 0>(d0, rest)
+    y = Reshape(x, new_shape)
+}
+"""
+
+CONSTANT_CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[4] x) => (float[4] y) {
+    a = Constant<value = float[4] {1, 2, 3, 4}>()
+    b = Constant<value = float[4] {10, 20, 30, 40}>()
+    ab = Mul(a, b)
+    c = Sqrt(ab)
+    t = Identity(x)
+    y = Add(t, c)
+}
+"""
+
+
+def test_folds_constant_chain_into_one_initializer():
+    model = parse(CONSTANT_CHAIN)
+    result = run_pass(FoldConstants, model)
+    assert result.changed
+    assert op_types(result.model) == ["Add"]
+    assert len(result.model.graph.initializer) == 1
+    x = np.arange(4, dtype=np.float32)
+    assert_same_outputs(model, result.model, {"x": x})
+
+
+def test_static_shape_arithmetic_becomes_constant():
+    model = parse(SHAPE_ARITHMETIC)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Reshape"]
+    shape = onnx.numpy_helper.to_array(result.model.graph.initializer[0])
+    assert shape.tolist() == [2, -1]
+    assert_same_outputs(model, result.model, {"x": np.random.rand(2, 3, 4).astype(np.float32)})
+
+
+def test_dynamic_shape_is_left_alone():
+    model = parse(SHAPE_ARITHMETIC.replace("float[2, 3, 4] x", "float[N, 3, 4] x").replace("float[2, 12] y", "float[N, 12] y"))
+    result = run_pass(FoldConstants, model, fold_shapes=True)
+    assert "Shape" in op_types(result.model) and "Reshape" in op_types(result.model)
+    assert_same_outputs(model, result.model, {"x": np.random.rand(5, 3, 4).astype(np.float32)})
+
+
+def test_leaves_a_clean_graph_unchanged():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x, float[3, 4] w) => (float[2, 4] y) { y = MatMul(x, w) }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert not result.changed
+    assert result.counts == {}
+
+
+def test_idempotent():
+    first = run_pass(FoldConstants, parse(CONSTANT_CHAIN)).model
+    second = run_pass(FoldConstants, first)
+    assert not second.changed
+    assert second.model.SerializeToString() == first.SerializeToString()
+
+
+def test_removes_dead_nodes_and_unused_initializers():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y) <float[3] unused = {1, 2, 3}> {
+        dead = Relu(x)
+        dead2 = Neg(dead)
+        y = Abs(x)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Abs"]
+    assert len(result.model.graph.initializer) == 0
+    assert result.counts["dead nodes removed"] == 2
+
+
+def test_removes_dropout_in_inference_but_keeps_used_mask():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y, bool[3] m) {
+        d = Dropout(x)
+        y = Relu(d)
+        a, m = Dropout(x)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model).count("Dropout") == 1
+    assert result.counts["identities removed"] == 1
+
+
+def test_identity_producing_a_graph_output_keeps_the_output_name():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y) { r = Relu(x)
+      y = Identity(r) }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Relu"]
+    assert result.model.graph.node[0].output[0] == "y"
+    assert_same_outputs(model, result.model, {"x": np.array([-1, 0, 2], np.float32)})
+
+
+def test_identity_between_input_and_output_stays():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y) { y = Identity(x) }
+    """)
+    assert not run_pass(FoldConstants, model).changed
+
+
+def test_merges_duplicate_initializers_and_common_subexpressions():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y) <float[3] w1 = {1, 2, 3}, float[3] w2 = {1, 2, 3}> {
+        a = Mul(x, w1)
+        b = Mul(x, w2)
+        y = Add(a, b)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Mul", "Add"]
+    assert len(result.model.graph.initializer) == 1
+    assert_same_outputs(model, result.model, {"x": np.array([1, 2, 3], np.float32)})
+
+
+def test_random_ops_are_never_folded_or_merged():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[3] x) => (float[3] y) {
+        r1 = RandomUniform<shape = [3]>()
+        r2 = RandomUniform<shape = [3]>()
+        s = Add(r1, r2)
+        y = Add(x, s)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model).count("RandomUniform") == 2
+
+
+def test_subgraph_outer_scope_tensors_survive():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (bool c, float[3] x) => (float[3] y) <float[3] w = {1, 2, 3}> {
+        wi = Identity(w)
+        y = If(c) <
+            then_branch = t () => (float[3] o) { o = Add(x, wi) },
+            else_branch = e () => (float[3] o) { o = Sub(x, wi) }
+        >
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    onnx.checker.check_model(result.model)
+    for c in (True, False):
+        assert_same_outputs(model, result.model, {"c": np.array(c), "x": np.array([1, 1, 1], np.float32)})
+
+
+def test_max_folded_mb_leaves_large_results_unfolded():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[512, 1024] x) => (float[512, 1024] y) {
+        shape = Constant<value = int64[2] {512, 1024}>()
+        big = ConstantOfShape<value = float[1] {0.5}>(shape)
+        y = Add(x, big)
+    }
+    """)
+    result = run_pass(FoldConstants, model, max_folded_mb=1.0)
+    assert "ConstantOfShape" in op_types(result.model)
+    assert any("MB" in s for s in result.skipped)
+    unlimited = run_pass(FoldConstants, model)
+    assert op_types(unlimited.model) == ["Add"]
+
+
+def test_option_validation_message():
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.options import build_options
+
+    with pytest.raises(OnnxoptError, match="max_folded_mb must be >= 0"):
+        build_options("fold", FoldConstants.Options, {"max_folded_mb": "-1"})
+    with pytest.raises(OnnxoptError, match="expected float"):
+        build_options("fold", FoldConstants.Options, {"max_folded_mb": "lots"})

@@ -1,0 +1,132 @@
+"""Pipeline parsing, the registry, and the PassManager's ordering, verification and failure handling."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from conftest import parse
+
+import onnxopt
+from onnxopt import OnnxoptError, Pass, PassFailedError, PassResult, option
+from onnxopt.manager import PassManager
+from onnxopt.pass_api import PassContext
+from onnxopt.pipeline import build_pipeline, parse_spec
+from onnxopt.registry import all_passes
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[3] x) => (float[3] y) {
+    a = Constant<value = float[3] {1, 2, 3}>()
+    b = Neg(a)
+    t = Identity(x)
+    y = Add(t, b)
+}
+"""
+
+
+def test_builtins_register_through_entry_points():
+    passes = all_passes()
+    assert {"fold", "fuse"} <= set(passes)
+    assert passes["fold"].__module__ == "onnxopt.passes.fold"
+
+
+def test_parse_spec_forms():
+    assert parse_spec("fold,fuse") == [("fold", {}), ("fuse", {})]
+    assert parse_spec("fold:max_folded_mb=4:dedupe=false,fuse") == [
+        ("fold", {"max_folded_mb": "4", "dedupe": "false"}), ("fuse", {})]
+    # key=value after a comma continues the previous pass
+    assert parse_spec("fold:max_folded_mb=4,dedupe=false,fuse") == [
+        ("fold", {"max_folded_mb": "4", "dedupe": "false"}), ("fuse", {})]
+
+
+def test_options_are_type_checked():
+    (fold,) = build_pipeline("fold:max_folded_mb=2.5,dedupe=no")
+    assert fold.options.max_folded_mb == 2.5 and fold.options.dedupe is False
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nosuchpass", "unknown pass 'nosuchpass' (valid passes: fold, fuse"),
+    ("fold:bogus=1", "pass 'fold' has no option 'bogus' (valid options: max_folded_mb, fold_shapes"),
+    ("fuse:gemm=maybe", "option fuse:gemm: expected true or false, got 'maybe'"),
+    ("fold:max_folded_mb", "malformed option 'max_folded_mb'"),
+    ("", "the pipeline is empty"),
+    ("=1", "starts with an option"),
+])
+def test_pipeline_errors_are_clear(spec, message):
+    with pytest.raises(OnnxoptError) as info:
+        build_pipeline(spec)
+    assert message in str(info.value)
+
+
+def test_cleanup_passes_run_to_fixed_point():
+    manager = PassManager(build_pipeline("fold,fuse"))
+    model = manager.run(parse(MODEL))
+    assert [n.op_type for n in model.graph.node] == ["Add"]
+    runs = [(r.name, r.iteration, r.changed) for r in manager.records]
+    assert runs[-2:] == [("fold", 2, False), ("fuse", 2, False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakOptions:
+    mode: str = option("dangling", "how to break the model")
+
+
+class BreakModel(Pass):
+    """Test pass that produces an invalid or numerically different model."""
+
+    name = "break"
+    Options = BreakOptions
+
+    def run(self, model, ctx):
+        node = model.graph.node[-1]
+        if self.options.mode == "dangling":
+            node.input[0] = "does_not_exist"
+        elif self.options.mode == "numeric":
+            node.op_type = "Sub"
+        else:
+            raise RuntimeError("boom")
+        return PassResult(model, changed=True, counts={"broken": 1})
+
+
+@pytest.mark.parametrize("mode,verify,reason", [
+    ("dangling", "structure", "checker"),
+    ("numeric", "numeric", "outputs differ"),
+    ("raise", "structure", "RuntimeError: boom"),
+])
+def test_broken_pass_stops_with_its_name_and_keeps_last_good(mode, verify, reason):
+    ctx = PassContext(sample_inputs=[{"x": np.array([1, 2, 3], np.float32)}])
+    passes = build_pipeline("fold") + [BreakModel(BreakOptions(mode))]
+    manager = PassManager(passes, verify=verify, ctx=ctx)
+    with pytest.raises(PassFailedError) as info:
+        manager.run(parse(MODEL))
+    assert info.value.pass_name == "break"
+    assert reason in str(info.value)
+    last_good = info.value.last_good
+    onnx.checker.check_model(last_good)
+    assert [n.op_type for n in last_good.graph.node] == ["Add"]  # fold's work is kept
+
+
+def test_numeric_verification_records_agreement():
+    ctx = PassContext(sample_inputs=[{"x": np.array([1, 2, 3], np.float32)}])
+    manager = PassManager(build_pipeline("fold"), verify="numeric", ctx=ctx)
+    manager.run(parse(MODEL))
+    first = manager.records[0]
+    assert first.changed and first.agreement.max_abs_error == 0.0
+
+
+def test_optimize_api_returns_model_and_report(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(parse(MODEL), path)
+    model, report = onnxopt.optimize(str(path), "fold,fuse", output=tmp_path / "out.onnx", runs=2)
+    assert report.original.nodes == 4 and report.optimized.nodes == 1
+    assert report.agreement.max_abs_error == 0.0 and report.agreement.cosine == pytest.approx(1.0)
+    assert report.latency["original"].runs >= 2
+    assert onnx.load(tmp_path / "out.onnx").graph.node[0].op_type == "Add"
+
+
+def test_pass_objects_can_be_mixed_with_specs():
+    model, report = onnxopt.optimize(parse(MODEL), ["fold", BreakModel(BreakOptions("numeric"))],
+                                     verify="none", compare=False)
+    assert [n.op_type for n in model.graph.node] == ["Sub"]
