@@ -15,7 +15,7 @@ from .pass_api import Pass, PassContext
 from .pipeline import build_pipeline, parse_spec
 from .registry import load_plugin
 from .report import Report
-from .runtime import make_session
+from .runtime import effective_ep, make_session
 from .stats import model_stats
 from .validation import compare_outputs, measure_latency, run
 
@@ -88,6 +88,7 @@ def _feeds(model: onnx.ModelProto, data, shapes) -> dict:
 
 
 def _compare(original, optimized, feeds, report: Report, ep, ep_fallback, runs, threads) -> None:
+    ep = effective_ep(ep, ep_fallback)
     sessions = {"original": make_session(original, ep, fallback=ep_fallback, threads=threads),
                 "optimized": make_session(optimized, ep, fallback=ep_fallback, threads=threads)}
     report.agreement = compare_outputs(run(sessions["original"], feeds), run(sessions["optimized"], feeds))

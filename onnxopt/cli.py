@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 from .errors import OnnxoptError, PassFailedError
@@ -85,17 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_optimize(argv: list[str]) -> int:
     from .api import optimize
     from .inputs import parse_shapes
+    from .model_io import check_writable
     from .pipeline import load_config
     from .report import render
 
     args = _optimize_parser().parse_args(argv)
+    if args.report:
+        check_writable(Path(args.report))
     settings = dict(DEFAULTS)
     passes = None
     if args.config:
         config = load_config(args.config)
         passes = config.pop("passes")
         settings.update({k: v for k, v in config.items() if k in DEFAULTS})
-        settings["shapes"] = {k: tuple(int(d) for d in str(v).split("x")) for k, v in settings["shapes"].items()}
     if args.passes:
         passes = args.passes
     if not passes:
@@ -135,7 +138,7 @@ def cmd_passes(argv: list[str]) -> int:
 
 def cmd_inspect(argv: list[str]) -> int:
     from .inputs import real_inputs
-    from .model_io import load_model
+    from .model_io import load_model, loaded_with_external_data
     from .report import format_table
     from .stats import model_stats
 
@@ -145,7 +148,7 @@ def cmd_inspect(argv: list[str]) -> int:
     model = load_model(args.model)
     stats = model_stats(model)
     opsets = ", ".join(f"{i.domain or 'ai.onnx'} {i.version}" for i in model.opset_import)
-    external = any(t.data_location == 1 for t in model.graph.initializer)
+    external = loaded_with_external_data(model)
     print(f"{args.model}: ir {model.ir_version}, opsets {opsets}, producer {model.producer_name or '?'} "
           f"{model.producer_version}".rstrip())
     print(f"nodes {stats.nodes}, parameters {stats.parameters:,}, size {stats.size_bytes / 2**20:.2f} MB, "

@@ -8,7 +8,10 @@ class OnnxoptError(Exception):
     def __init__(self, problem: str, hint: str | None = None):
         self.problem = problem
         self.hint = hint
-        super().__init__(f"{problem} ({hint})" if hint else problem)
+        super().__init__(problem)
+
+    def __str__(self) -> str:
+        return f"{self.problem} ({self.hint})" if self.hint else self.problem
 
 
 class PassFailedError(OnnxoptError):

@@ -6,6 +6,7 @@ so that any Gather/Embedding stays in range.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,25 @@ def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
             if not sep:
                 raise ValueError
             shapes[name.strip()] = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+            if any(d < 1 for d in shapes[name.strip()]):
+                raise ValueError
         except ValueError:
-            raise OnnxoptError(f"malformed --shape '{item}'", "write NAME=DIMxDIM, e.g. input_ids=1x128") from None
+            raise OnnxoptError(f"malformed --shape '{item}'",
+                               "write NAME=DIMxDIM with positive dims, e.g. input_ids=1x128") from None
     return shapes
 
 
 def input_shape(vi: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    dims = vi.type.tensor_type.shape.dim
     if vi.name in shapes:
-        return shapes[vi.name]
+        shape = shapes[vi.name]
+        if vi.type.tensor_type.HasField("shape") and len(shape) != len(dims):
+            raise OnnxoptError(f"--shape {vi.name} has {len(shape)} dims, the input has rank {len(dims)}")
+        fixed = [(i, d.dim_value) for i, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value > 0]
+        for i, want in fixed:
+            if shape[i] != want:
+                raise OnnxoptError(f"--shape {vi.name}: dim {i} is fixed to {want} in the model, not {shape[i]}")
+        return shape
     dims = []
     for d in vi.type.tensor_type.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:
@@ -97,12 +109,20 @@ def load_data(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]
             tensor.ParseFromString(file.read_bytes())
             feeds[name] = numpy_helper.to_array(tensor)
     elif path.suffix == ".npz" and path.is_file():
-        with np.load(path) as data:
-            feeds = {k: data[k] for k in data.files if k in names}
+        feeds = {k: v for k, v in read_npz(path).items() if k in names}
     else:
         raise OnnxoptError(f"data file not found or not .npz: {path}", "pass an .npz named by input")
     check_feeds(feeds, model, str(path))
     return feeds
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise OnnxoptError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0][:100]})",
+                           "write it with numpy.savez") from None
 
 
 def check_feeds(feeds: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:

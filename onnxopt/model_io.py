@@ -12,6 +12,8 @@ from google.protobuf.message import DecodeError
 from .errors import OnnxoptError
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Set on models read with external data, so `inspect` can say so after the data was loaded.
+EXTERNAL_DATA_MARK = "onnxopt.loaded_external_data"
 # Past this many bytes of tensor data a model is saved with external data: protobuf cannot
 # serialize a message over 2 GB, and the rest of the model needs some headroom.
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
@@ -41,6 +43,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         ) from exc
     if not model.opset_import or not model.HasField("graph"):
         raise OnnxoptError(f"{path} is not an ONNX model (no graph or opset)", "is it another format?")
+    if not all(isinstance(n.op_type, str) and isinstance(n.name, str) for n in model.graph.node):
+        raise OnnxoptError(f"{path} is corrupt (a node name or op type is not valid text)", "re-export the model")
     _load_external_data(model, path)
     check_opset(model, str(path))
     return model
@@ -59,7 +63,13 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             f"keep them next to the model in {path.parent}",
         )
     if any(uses_external_data(t) for t in _get_all_tensors(model)):
-        load_external_data_for_model(model, str(path.parent))
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except (ValueError, OSError) as exc:
+            files = ", ".join(sorted({_external_location(t) for t in _get_all_tensors(model) if uses_external_data(t)}))
+            raise OnnxoptError(f"{path}: its external data ({files}) cannot be read ({str(exc).splitlines()[0][:150]})",
+                               "is the .data file truncated or from another model?") from None
+        model.metadata_props.add(key=EXTERNAL_DATA_MARK, value="1")
 
 
 def _external_location(tensor: onnx.TensorProto) -> str:
@@ -104,29 +114,62 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old_data = _external_files(path) if path.exists() else set()
+    data_name = None
     try:
         tmp_model = tmpdir / path.name
         if external_data:
-            data_name = path.name + ".data"
-            # onnx converts tensors to external in place; the caller's model must stay whole.
-            onnx.save_model(_copy(model), str(tmp_model),
-                            save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            # `<name>.data`, unless the model being replaced uses that name: then the new data goes
+            # beside it, so the old model keeps intact data until the new model file is in place.
+            data_name = next(n for n in (f"{path.name}.data", f"{path.name}.next.data") if n not in old_data)
+            onnx.save_model(_without_mark(model, always_copy=True), str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             os.replace(tmpdir / data_name, path.parent / data_name)
         else:
-            tmp_model.write_bytes(model.SerializeToString())
+            tmp_model.write_bytes(_without_mark(model).SerializeToString())
         os.replace(tmp_model, path)
     except OSError as exc:
+        if data_name and data_name not in old_data:
+            (path.parent / data_name).unlink(missing_ok=True)
         raise OnnxoptError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable output path") from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    for stale in old_data - {data_name}:
+        (path.parent / stale).unlink(missing_ok=True)
     return path
+
+
+def _external_files(path: Path) -> set[str]:
+    """External data files a model file refers to (read without its data)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        existing = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    return {_external_location(t) for t in _get_all_tensors(existing) if uses_external_data(t)
+            and (path.parent / _external_location(t)).resolve().parent == path.parent.resolve()}
+
+
+def _without_mark(model: onnx.ModelProto, always_copy: bool = False) -> onnx.ModelProto:
+    """The model without onnxopt's bookkeeping metadata (a copy when anything must change)."""
+    if not always_copy and not any(p.key == EXTERNAL_DATA_MARK for p in model.metadata_props):
+        return model
+    copy = _copy(model)
+    kept = [p for p in copy.metadata_props if p.key != EXTERNAL_DATA_MARK]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(kept)
+    return copy
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def loaded_with_external_data(model: onnx.ModelProto) -> bool:
+    return any(p.key == EXTERNAL_DATA_MARK for p in model.metadata_props)
 
 
 def check_writable(path: Path) -> None:

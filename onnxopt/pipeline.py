@@ -6,10 +6,10 @@ In the text form passes are separated by commas and options follow the pass name
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 from .errors import OnnxoptError
-from .options import build_options
+from .options import build_options, convert
 from .pass_api import Pass
 from .registry import get_pass
 
@@ -81,6 +81,28 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise OnnxoptError(f"{path} must hold a table/mapping at the top level")
     config["passes"] = _config_passes(config.get("passes"), path)
+    return _checked_settings(config, path)
+
+
+# Run settings a config file may carry, with their types (command-line flags override them).
+SETTINGS = {"ep": Literal["cpu", "cuda", "tensorrt"], "runs": int, "threads": Optional[int],
+            "verify": Literal["none", "structure", "numeric"], "data": Optional[str]}
+
+
+def _checked_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    from .inputs import parse_shapes
+
+    unknown = set(config) - set(SETTINGS) - {"passes", "shapes"}
+    if unknown:
+        raise OnnxoptError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}",
+                           f"valid: passes, shapes, {', '.join(SETTINGS)}")
+    for key, tp in SETTINGS.items():
+        if key in config:
+            config[key] = convert(config[key], tp, f"{path}: {key}")
+    shapes = config.get("shapes", {})
+    if not isinstance(shapes, dict):
+        raise OnnxoptError(f"{path}: 'shapes' must be a table of NAME = \"DIMxDIM\"")
+    config["shapes"] = parse_shapes([f"{k}={v}" for k, v in shapes.items()])
     return config
 
 

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .model_io import check_writable
 from .stats import ModelStats
 from .validation import Agreement, Latency
 
@@ -32,6 +33,7 @@ class Report:
     def write_json(self, path: str | Path) -> None:
         """Atomic, like model outputs."""
         path = Path(path)
+        check_writable(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:

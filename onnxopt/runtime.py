@@ -45,6 +45,12 @@ def resolve_providers(ep: str, fallback: bool = False) -> list[str]:
     return wanted
 
 
+def effective_ep(ep: str, fallback: bool) -> str:
+    """`ep`, or "cpu" when it is unavailable and fallback is allowed (warning once)."""
+    providers = resolve_providers(ep, fallback)
+    return ep if providers[0] == EXECUTION_PROVIDERS[ep][0] else "cpu"
+
+
 def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallback: bool = False,
                  threads: int | None = None, optimized_model_path: str | None = None,
                  graph_optimization: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
