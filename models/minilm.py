@@ -160,3 +160,23 @@ if __name__ == "__main__":
     hidden = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([OUTPUT_NAME], feeds)[0]
     emb = embed(hidden, feeds["attention_mask"])
     print(f"embeddings {emb.shape}, cos(s0, s1) = {float(emb[0] @ emb[1]):.3f}: {sents}")
+
+
+def calibration_npz(n: int = 160, seq_len: int = 128) -> Path:
+    """`n` real sentences (the corpus's first ones) tokenized and padded to `seq_len`, as an .npz of feeds."""
+    from models import corpus
+    from models._common import save_npz
+
+    dest = BUILD_DIR / f"minilm_calib_{n}x{seq_len}.npz"
+    if not dest.exists():
+        save_npz(dest, **encode(corpus.sentences(n), seq_len=seq_len))
+    return dest
+
+
+EVAL_OFFSET = 1000  # evaluation sentences start here, disjoint from calibration
+
+
+def evaluation_feeds(n: int = 300, seq_len: int = 128) -> dict[str, np.ndarray]:
+    from models import corpus
+
+    return encode(corpus.sentences(n, offset=EVAL_OFFSET), seq_len=seq_len)

@@ -56,6 +56,8 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         text = str(value).lower() if isinstance(value, str) else value
+        if isinstance(value, str) and all(isinstance(a, int) for a in allowed) and value.strip().lstrip("-").isdigit():
+            text = int(value)
         if text not in allowed:
             raise OnnxoptError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
         return text

@@ -1,0 +1,282 @@
+"""Quantization planning: which tensors get QuantizeLinear/DequantizeLinear, with which parameters.
+
+Pure functions of the graph, the calibrated ranges and the options; nothing is inserted here.
+
+Placement reads `OP_TABLE`, one row per op type: which inputs are activations, which is a weight
+(quantized per channel along `weight_axis`), which is a bias (int32, scale = s_input * s_weight,
+zero point 0), and how the output is treated:
+- "own": the output gets its own calibrated parameters when a quantized op reads it (so ORT can fuse
+  DQ -> op -> Q into one integer kernel, e.g. QLinearConv);
+- "float": the output stays float (e.g. MatMul feeding a float bias Add: ORT then runs
+  MatMulIntegerToFloat, which dequantizes inside the kernel);
+- "shared": data-movement ops (Reshape, Transpose, MaxPool...) carry the input's parameters through,
+  so int8 flows through them unchanged; they are quantized only when their input already is.
+Add and Mul are quantized only when both inputs are quantized tensors. Everything else (LayerNorm,
+Softmax, Erf/GELU, Div, Pow, Sqrt...) stays float unless named in `include`.
+
+Scales: for a range [lo, hi] (always containing 0) uint8 asymmetric uses s = (hi - lo) / 255,
+zp = round(-lo / s); symmetric int8 uses s = max(|lo|, |hi|) / 127, zp = 0. Weights are symmetric
+int8, per channel by default: one scale per slice along the output-channel axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from onnxopt.graph import GraphView
+
+Output = Literal["own", "float", "shared"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    activations: tuple[int, ...]
+    output: Output
+    weight: int | None = None
+    weight_axis: int | None = None
+    bias: int | None = None
+
+
+OP_TABLE: dict[str, OpRule] = {
+    "Conv": OpRule(activations=(0,), weight=1, weight_axis=0, bias=2, output="own"),
+    "ConvTranspose": OpRule(activations=(0,), weight=1, weight_axis=1, bias=2, output="own"),
+    "Gemm": OpRule(activations=(0,), weight=1, weight_axis=None, bias=2, output="own"),
+    # MatMul inputs are activations unless constant; a constant B is a weight, per channel on its last axis.
+    "MatMul": OpRule(activations=(0, 1), weight=1, weight_axis=-1, output="float"),
+    "Add": OpRule(activations=(0, 1), output="own"),
+    "Mul": OpRule(activations=(0, 1), output="own"),
+    # Relu/Clip read their input unquantized: ORT folds them into the Q that follows (zero point = 0).
+    "Relu": OpRule(activations=(), output="own"),
+    "Clip": OpRule(activations=(), output="own"),
+    "AveragePool": OpRule(activations=(0,), output="own"),
+    "GlobalAveragePool": OpRule(activations=(0,), output="own"),
+    "Concat": OpRule(activations=(), output="own"),  # every input, see _activation_inputs
+    "MaxPool": OpRule(activations=(0,), output="shared"),
+    "Reshape": OpRule(activations=(0,), output="shared"),
+    "Transpose": OpRule(activations=(0,), output="shared"),
+    "Flatten": OpRule(activations=(0,), output="shared"),
+    "Squeeze": OpRule(activations=(0,), output="shared"),
+    "Unsqueeze": OpRule(activations=(0,), output="shared"),
+    "Resize": OpRule(activations=(0,), output="shared"),
+    "Slice": OpRule(activations=(0,), output="shared"),
+    "Gather": OpRule(activations=(0,), output="shared"),
+    "Split": OpRule(activations=(0,), output="shared"),
+}
+# Ops that do the arithmetic: they start quantized regions; the rest join one only from a quantized input.
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+JOINING_OPS = {"Add", "Mul"}
+FUSED_ACTIVATIONS = {"Relu", "Clip"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+    # Smoothing: QuantizeLinear divides channel j by smooth[j] * scale while DequantizeLinear multiplies
+    # by scale alone, so readers see x / smooth (their weights were multiplied by smooth).
+    smooth: np.ndarray | None = None
+
+    @property
+    def dtype(self):
+        return self.zero_point.dtype
+
+
+@dataclasses.dataclass
+class Plan:
+    nodes: list[onnx.NodeProto]
+    activations: dict[str, QuantParams]
+    weights: dict[str, QuantParams]
+    biases: dict[str, tuple[str, str]]  # bias tensor -> (activation input, weight) its scale derives from
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]]  # tensor -> quantized (node, input index) reading it
+    skipped: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    exclude: str = ""
+    include: tuple[str, ...] = ()
+
+
+def excluded(node: onnx.NodeProto, pattern: str) -> bool:
+    """`exclude` matches node names or op types, as plain names or a regular expression."""
+    if not pattern:
+        return False
+    names = {p for p in pattern.split(";") if p}
+    if node.name in names or node.op_type in names:
+        return True
+    return any(re.fullmatch(p, node.name or "") or re.fullmatch(p, node.op_type) for p in names if _is_regex(p))
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+        return True
+    except re.error:
+        return False
+
+
+def _activation_inputs(node: onnx.NodeProto, rule: OpRule, view: GraphView) -> list[int]:
+    if node.op_type == "Concat":
+        return list(range(len(node.input)))
+    indices = [i for i in rule.activations if i < len(node.input) and node.input[i]]
+    if rule.weight is not None and rule.weight < len(node.input) and view.constant(node.input[rule.weight]) is not None:
+        indices = [i for i in indices if i != rule.weight]
+    return indices
+
+
+def _is_float(view: GraphView, name: str, float_tensors: set[str]) -> bool:
+    return name in float_tensors or (view.constant(name) is not None and view.constant(name).dtype == np.float32)
+
+
+def place(model: onnx.ModelProto, options: PlanOptions, float_tensors: set[str],
+          unquantizable: set[str] = frozenset()) -> tuple[list[onnx.NodeProto], set[str], list[str]]:
+    """Chooses the nodes to quantize and the activation tensors that need calibrated ranges.
+
+    `float_tensors` are the tensors known to be float32 (from shape inference); `unquantizable` are
+    tensors calibration found unfit (e.g. additive attention masks of -1e9): nodes reading them stay float.
+    """
+    view = GraphView(model.graph, model.ir_version)
+    skipped: list[str] = []
+    chosen: list[onnx.NodeProto] = []
+    quantized: set[str] = set()
+    wanted = set(options.include)
+    for node in model.graph.node:  # topological order: a node's inputs are decided before it
+        rule = OP_TABLE.get(node.op_type)
+        if rule is None or node.domain not in ("", "ai.onnx"):
+            continue
+        if excluded(node, options.exclude):
+            skipped.append(f"{node.op_type} '{node.name}': excluded by option")
+            continue
+        if node.op_type in FUSED_ACTIVATIONS:
+            if node.input[0] in quantized:
+                chosen.append(node)
+                quantized.add(node.output[0])
+            continue
+        acts = _activation_inputs(node, rule, view)
+        names = [node.input[i] for i in acts]
+        if not names or not all(_is_float(view, n, float_tensors) for n in names):
+            continue
+        if node.op_type not in COMPUTE_OPS and node.op_type not in wanted and not all(n in quantized for n in names):
+            continue  # joins a quantized region only
+        if any(view.constant(n) is not None for n in names) and node.op_type in JOINING_OPS:
+            continue  # Add/Mul with a constant: cheaper in float than as QLinearAdd
+        bad = [n for n in names if n in unquantizable]
+        if bad:
+            skipped.append(f"{node.op_type} '{node.name}': input {bad[0]} has a mask-like range; kept float")
+            continue
+        if rule.weight is not None and node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            if view.constant(node.input[rule.weight]) is None:
+                skipped.append(f"{node.op_type} '{node.name}': weight is not constant")
+                continue
+        chosen.append(node)
+        quantized.update(names)
+        if rule.output in ("own", "shared"):
+            quantized.update(o for o in node.output[:1] if o)
+    return chosen, quantized, skipped
+
+
+def quant_params(lo: float, hi: float, symmetric: bool) -> QuantParams:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        bound = max(abs(lo), abs(hi), 1e-8)
+        return QuantParams(np.array(bound / 127, np.float32), np.array(0, np.int8))
+    scale = max(hi - lo, 1e-8) / 255
+    zero_point = int(np.clip(round(-lo / scale), 0, 255))
+    return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
+
+
+def weight_params(weight: np.ndarray, axis: int | None, bits: int = 8) -> QuantParams:
+    """Symmetric signed parameters, one scale per slice along `axis` (or one for the whole tensor)."""
+    qmax = 2 ** (bits - 1) - 1
+    if axis is None:
+        bound = float(np.max(np.abs(weight))) if weight.size else 0.0
+        return QuantParams(np.array(max(bound, 1e-12) / qmax, np.float32), np.array(0, np.int8))
+    axis = axis % weight.ndim
+    reduce = tuple(i for i in range(weight.ndim) if i != axis)
+    bound = np.max(np.abs(weight), axis=reduce)
+    scale = (np.maximum(bound, 1e-12) / qmax).astype(np.float32)
+    return QuantParams(scale, np.zeros(scale.shape, np.int8), axis)
+
+
+def weight_axis(node: onnx.NodeProto, rule: OpRule, weight: np.ndarray, per_channel: bool) -> int | None:
+    if not per_channel:
+        return None
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul" and weight.ndim != 2:
+        return None  # batched constant B: ORT's integer MatMul kernels take per-column scales for 2-D B only
+    return rule.weight_axis
+
+
+def smoothing_groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    """Activations whose every quantized reader is a MatMul with a constant 2-D weight on input 1.
+
+    Only those can be smoothed: each reader's weight absorbs the per-channel factor.
+    """
+    view = GraphView(model.graph, model.ir_version)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for i in _activation_inputs(node, OP_TABLE[node.op_type], view):
+            readers.setdefault(node.input[i], []).append(node)
+    groups = {}
+    for tensor, users in readers.items():
+        if all(u.op_type == "MatMul" and u.input[0] == tensor and u.input[1] != tensor
+               and view.constant(u.input[1]) is not None and view.constant(u.input[1]).ndim == 2 for u in users):
+            groups[tensor] = users
+    return groups
+
+
+def smoothing_factors(channel_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """SmoothQuant: s_j = max|x_j|^alpha / max|W_j,:|^(1 - alpha), shared by every reader's weight.
+
+    Dividing channel j of the activation by s_j and multiplying row j of each weight by s_j leaves
+    x @ W unchanged while moving outlier channels' range into the (per-channel quantized) weights.
+    """
+    weight_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    s = np.maximum(channel_absmax, 1e-5) ** alpha / np.maximum(weight_absmax, 1e-5) ** (1 - alpha)
+    return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def build_plan(model: onnx.ModelProto, nodes: list[onnx.NodeProto], tensors: set[str],
+               ranges: dict[str, tuple[float, float]], options: PlanOptions,
+               smooth: dict[str, np.ndarray] | None = None) -> Plan:
+    """Turns placement plus calibrated ranges into parameters for every quantized tensor."""
+    view = GraphView(model.graph, model.ir_version)
+    activations: dict[str, QuantParams] = {}
+    weights: dict[str, QuantParams] = {}
+    biases: dict[str, tuple[str, str]] = {}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    skipped: list[str] = []
+    for node in nodes:  # shared outputs take their input's parameters, in topological order
+        rule = OP_TABLE[node.op_type]
+        for i in _activation_inputs(node, rule, view):
+            name = node.input[i]
+            if name not in activations:
+                if name not in ranges:
+                    raise KeyError(f"no calibrated range for {name}")
+                params = quant_params(*ranges[name], options.symmetric_activations)
+                if smooth and name in smooth:
+                    params = dataclasses.replace(params, smooth=smooth[name])
+                activations[name] = params
+            consumers.setdefault(name, []).append((node, i))
+        if rule.output == "shared" and node.output[0] in tensors:
+            activations[node.output[0]] = activations[node.input[0]]
+        if rule.weight is not None and rule.weight < len(node.input):
+            weight = view.constant(node.input[rule.weight])
+            if weight is not None:
+                axis = weight_axis(node, rule, weight, options.per_channel)
+                weights[node.input[rule.weight]] = weight_params(weight, axis)
+                consumers.setdefault(node.input[rule.weight], []).append((node, rule.weight))
+                if rule.bias is not None and rule.bias < len(node.input) and node.input[rule.bias]:
+                    biases[node.input[rule.bias]] = (node.input[0], node.input[rule.weight])
+                    consumers.setdefault(node.input[rule.bias], []).append((node, rule.bias))
+    # "own" outputs read by quantized nodes were calibrated and got parameters above as inputs.
+    return Plan(nodes, activations, weights, biases, consumers, skipped)

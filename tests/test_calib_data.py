@@ -1,0 +1,186 @@
+"""Calibration data: every source kind, batching, sample caps, fingerprints and each validation error."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, parse
+from onnx import numpy_helper
+
+from onnxopt.calib_data import RANDOM_SAMPLES, CalibrationData, open_calibration
+from onnxopt.errors import OnnxoptError
+
+DEMO_NPZ = ROOT / "models" / "demo_inputs.npz"
+
+
+@pytest.fixture(scope="module")
+def demo() -> onnx.ModelProto:
+    return onnx.load(str(ROOT / "models" / "demo.onnx"))
+
+
+@pytest.fixture(scope="module")
+def tokens() -> onnx.ModelProto:
+    """input_ids, attention_mask: int64 [batch, seq] (dynamic); a constant `bias` also listed as input."""
+    return parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[batch, seq] input_ids, int64[batch, seq] attention_mask, float[4] bias) => (float[batch, seq, 4] y)
+        <float[3, 4] table = {0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1},
+         float[4] bias = {0.5, 0.5, 0.5, 0.5}, int64[1] axes = {2}>
+        {
+            e = Gather(table, input_ids)
+            m = Cast<to = 1>(attention_mask)
+            mu = Unsqueeze(m, axes)
+            y0 = Mul(e, mu)
+            y = Add(y0, bias)
+        }
+    """)
+
+
+def token_batch(batch: int, seq: int, dtype=np.int64) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seq)
+    return {"input_ids": rng.integers(0, 3, (batch, seq)).astype(dtype),
+            "attention_mask": np.ones((batch, seq), dtype=dtype)}
+
+
+def sizes(data) -> list[int]:
+    return [next(iter(feeds.values())).shape[0] for feeds in data]
+
+
+def test_npz_batches_cap_and_fingerprint(demo):
+    data = open_calibration(DEMO_NPZ, demo, batch_size=5)
+    assert isinstance(data, CalibrationData)
+    assert data.num_samples == 16 and data.num_batches == 4
+    assert sizes(data) == [5, 5, 5, 1] and sizes(data) == [5, 5, 5, 1]  # re-iterable
+    reference = np.load(DEMO_NPZ)["image"]
+    np.testing.assert_array_equal(np.concatenate([f["image"] for f in data]), reference)
+    capped = open_calibration(DEMO_NPZ, demo, batch_size=4, samples=6)
+    assert sizes(capped) == [4, 2] and capped.num_samples == 6
+    assert data.fingerprint() == open_calibration(str(DEMO_NPZ), demo, batch_size=5).fingerprint()
+    assert data.fingerprint() != capped.fingerprint()
+
+
+def test_npy_and_named_pb_directories_match_npz(demo, tmp_path):
+    image = np.load(DEMO_NPZ)["image"]
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "image.npy", image)
+    (tmp_path / "pb").mkdir()
+    (tmp_path / "pb" / "image.pb").write_bytes(numpy_helper.from_array(image, "image").SerializeToString())
+    npz = open_calibration(DEMO_NPZ, demo, batch_size=5).fingerprint()
+    assert open_calibration(tmp_path / "npy", demo, batch_size=5).fingerprint() == npz
+    assert open_calibration(tmp_path / "pb", demo, batch_size=5).fingerprint() == npz
+
+
+def write_test_set(folder, arrays):
+    folder.mkdir(parents=True)
+    for i, array in enumerate(arrays):
+        (folder / f"input_{i}.pb").write_bytes(numpy_helper.from_array(array).SerializeToString())
+
+
+def test_test_data_sets_map_to_real_inputs_in_order(tokens, tmp_path):
+    for i, seq in enumerate((5, 7)):  # one set per folder; sequence lengths differ between sets
+        batch = token_batch(3, seq)
+        write_test_set(tmp_path / f"test_data_set_{i}", [batch["input_ids"], batch["attention_mask"]])
+    data = open_calibration(tmp_path, tokens, batch_size=2)
+    shapes = [feeds["input_ids"].shape for feeds in data]
+    assert shapes == [(2, 5), (1, 5), (2, 7), (1, 7)]
+    assert all(set(feeds) == {"input_ids", "attention_mask"} for feeds in data)  # `bias` is an initializer
+    assert data.num_samples == 6
+    single = open_calibration(tmp_path / "test_data_set_1", tokens)
+    assert [f["input_ids"].shape for f in single] == [(3, 7)]
+
+
+def test_callable_spec_with_variable_sequence_lengths(tokens, tmp_path, monkeypatch):
+    (tmp_path / "my_calib.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    for seq in (32, 57):\n"
+        "        yield {'input_ids': np.zeros((4, seq), np.int64), 'attention_mask': np.ones((4, seq), np.int64)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = open_calibration("my_calib:batches", tokens)
+    assert [f["input_ids"].shape for f in data] == [(4, 32), (4, 57)]
+    by_file = open_calibration(f"{tmp_path / 'my_calib.py'}:batches", tokens)
+    assert by_file.fingerprint() == data.fingerprint()
+    with pytest.raises(OnnxoptError, match="has no attribute 'nope'"):
+        open_calibration("my_calib:nope", tokens)
+    with pytest.raises(OnnxoptError, match="cannot import 'no_such_module_xyz'"):
+        open_calibration("no_such_module_xyz:batches", tokens)
+
+
+def test_python_objects(tokens):
+    batches = [token_batch(3, 5), token_batch(2, 9)]
+    assert sizes(open_calibration(lambda: iter(batches), tokens, batch_size=2)) == [2, 1, 2]
+    assert sizes(open_calibration(batches, tokens)) == [3, 2]
+    assert sizes(open_calibration(token_batch(5, 4), tokens, batch_size=2)) == [2, 2, 1]
+    once = open_calibration(iter(batches), tokens)
+    assert not once.reiterable and sizes(once) == [3, 2]
+    with pytest.raises(OnnxoptError, match="already consumed"):
+        list(once)
+
+
+def test_random_data_warns_loudly(demo, capsys):
+    data = open_calibration("random", demo, batch_size=8)
+    err = capsys.readouterr().err
+    assert "RANDOM" in err and "MEANINGLESS" in err and "--calib" in err
+    assert data.num_samples == RANDOM_SAMPLES and sizes(data) == [8] * (RANDOM_SAMPLES // 8)
+    assert data.fingerprint() == open_calibration("random", demo, batch_size=8).fingerprint()  # seeded
+    assert sizes(open_calibration("random", demo, batch_size=2, samples=3)) == [2, 1]
+
+
+def test_fixed_batch_dimension_sets_the_batch(tmp_path):
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 3] x) => (float[1, 3] y) { y = Relu(x) }
+    """)
+    assert sizes(open_calibration({"x": np.zeros((4, 3), np.float32)}, model, batch_size=8)) == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"image": np.zeros((2, 1, 8, 8), np.float32), "label": np.zeros(2)},
+     r"unknown input\(s\) label .*inputs are image"),
+    ({}, r"no data for input\(s\) image"),
+    ({"image": np.zeros((2, 1, 8, 8), np.float64)}, "'image' is float64, the model wants float32"),
+    ({"image": np.zeros((2, 8, 8), np.float32)}, "'image' has rank 3 .* wants rank 4"),
+    ({"image": np.zeros((2, 1, 9, 9), np.float32)}, r"shape \[2, 1, 9, 9\], the model wants \['batch', 1, 8, 8\]"),
+    ({"image": np.zeros((0, 1, 8, 8), np.float32)}, "holds no samples"),
+])
+def test_validation_errors(demo, batch, message):
+    with pytest.raises(OnnxoptError, match=message):
+        open_calibration(batch, demo)
+
+
+def test_int32_is_not_cast_silently(tokens):
+    with pytest.raises(OnnxoptError, match="'input_ids' is int32, the model wants int64.*does not cast"):
+        open_calibration([token_batch(2, 4, np.int32)], tokens)
+
+
+def test_a_bad_later_batch_fails_before_it_is_yielded(tokens):
+    data = open_calibration(lambda: iter([token_batch(2, 4), {"input_ids": np.zeros((2, 4), np.int64)}]), tokens)
+    seen = []
+    with pytest.raises(OnnxoptError, match=r"batch 1\) has no data for input\(s\) attention_mask"):
+        for feeds in data:
+            seen.append(feeds)
+    assert len(seen) == 1
+
+
+def test_empty_sources(demo, tmp_path):
+    with pytest.raises(OnnxoptError, match="holds no samples"):
+        open_calibration(lambda: iter([]), demo)
+    with pytest.raises(OnnxoptError, match="holds no .npy, .pb or test_data_set"):
+        open_calibration(tmp_path, demo)
+
+
+def test_bad_paths_and_objects(demo, tmp_path):
+    with pytest.raises(OnnxoptError, match="calibration data not found: .*missing.npz"):
+        open_calibration(tmp_path / "missing.npz", demo)
+    (tmp_path / "broken.npz").write_bytes(b"this is not a zip archive")
+    with pytest.raises(OnnxoptError, match="cannot read calibration data .*broken.npz as .npz"):
+        open_calibration(tmp_path / "broken.npz", demo)
+    with pytest.raises(OnnxoptError, match="bare array"):
+        open_calibration(np.zeros((2, 1, 8, 8), np.float32), demo)
+    with pytest.raises(OnnxoptError, match="is a list, not a dict"):
+        open_calibration([[1, 2]], demo)
+    with pytest.raises(OnnxoptError, match="different numbers of samples"):
+        open_calibration({"input_ids": np.zeros((3, 4), np.int64), "attention_mask": np.zeros((2, 4), np.int64)},
+                         parse("""<ir_version: 8, opset_import: ["" : 17]>
+                                  g (int64[b, s] input_ids, int64[b, s] attention_mask) => (int64[b, s] y)
+                                  { y = Add(input_ids, attention_mask) }"""))

@@ -1,0 +1,206 @@
+"""The `quant` pass: placement, QDQ rewrite, integer kernels under ORT, accuracy on real models."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ort_run, parse
+
+import onnxopt
+from onnxopt import OnnxoptError
+from onnxopt.passes.quant_plan import PlanOptions, build_plan, place, smoothing_factors
+from onnxopt.passes.quant_qdq import QDQInserter
+
+CONV_NET = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 6, 6] x) => (float[N, 4] y)
+  <float[4, 2, 3, 3] w1 = {%s}, float[4] b1 = {0.1, -0.2, 0.3, 0.0}, float[36, 4] fc = {%s}> {
+    c = Conv<pads = [1, 1, 1, 1]>(x, w1, b1)
+    r = Relu(c)
+    p = MaxPool<kernel_shape = [2, 2], strides = [2, 2]>(r)
+    f = Flatten(p)
+    h = MatMul(f, fc)
+    y = Softmax(h)
+}
+"""
+
+
+def conv_net() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = ", ".join(f"{v:.4f}" for v in rng.standard_normal(72))
+    fc = ", ".join(f"{v:.4f}" for v in rng.standard_normal(36 * 4) * 0.2)
+    return parse(CONV_NET % (w1, fc))
+
+
+def floats(model):
+    from onnxopt.graph import infer_value_info
+
+    return {n for n, vi in infer_value_info(model).items() if vi.type.tensor_type.elem_type == 1}
+
+
+def test_placement_follows_the_op_table():
+    model = conv_net()
+    nodes, tensors, skipped = place(model, PlanOptions(), floats(model))
+    assert [n.op_type for n in nodes] == ["Conv", "Relu", "MaxPool", "Flatten", "MatMul"]
+    # Softmax stays float; Conv output is read by Relu unquantized (ORT folds Relu into the Q after it)
+    assert tensors >= {"x", "r", "p", "f"} and "h" not in tensors and "c" in tensors
+
+
+def test_exclude_by_op_type_and_regex():
+    model = conv_net()
+    nodes, _, skipped = place(model, PlanOptions(exclude="MatMul"), floats(model))
+    assert "MatMul" not in [n.op_type for n in nodes]
+    assert any("excluded" in s for s in skipped)
+    nodes, _, _ = place(model, PlanOptions(exclude="Co.*"), floats(model))
+    # without the Conv, Relu/MaxPool/Flatten have no quantized input to carry; the MatMul starts its own region
+    assert [n.op_type for n in nodes] == ["MatMul"]
+
+
+def test_qdq_rewrite_is_bounded_and_keeps_float_readers():
+    model = conv_net()
+    nodes, tensors, _ = place(model, PlanOptions(), floats(model))
+    x = np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32)
+    reference = ort_run(model, {"x": x})
+    # ranges from the data itself (minmax): the planner and rewrite alone, no calibration module
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(tensors) if t != "x")
+    values = dict(zip([o.name for o in probe.graph.output], ort_run(probe, {"x": x})), x=x)
+    ranges = {t: (float(values[t].min()), float(values[t].max())) for t in tensors}
+    plan = build_plan(model, nodes, tensors, ranges, PlanOptions())
+    counts = QDQInserter(model).apply(plan)
+    onnx.checker.check_model(model)
+    assert counts == {"activations quantized": 4, "weights quantized": 2, "biases quantized": 1}
+    got = ort_run(model, {"x": x})[0]
+    assert np.abs(got - reference[0]).max() < 0.05
+    assert np.mean(got.argmax(1) == reference[0].argmax(1)) >= 0.85
+
+
+def test_smoothing_leaves_the_product_unchanged():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8)) * np.array([1, 1, 50, 1, 1, 1, 0.01, 1])
+    w1, w2 = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    s = smoothing_factors(np.abs(x).max(0), [w1, w2], 0.8).astype(np.float64)
+    np.testing.assert_allclose((x / s) @ (w1 * s[:, None]), x @ w1, rtol=1e-6)
+    assert (np.abs(x / s).max(0).max() / np.abs(x / s).max(0).min()) < (np.abs(x).max(0).max() / np.abs(x).max(0).min())
+
+
+def _quantize(path, calib, spec="fold,fuse,quant", **kwargs):
+    return onnxopt.optimize(str(path), spec, calibration=str(calib), compare=False, **kwargs)
+
+
+def test_digits_int8_keeps_accuracy(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    images, labels = digits.heldout()
+    model, report = _quantize(digits_model, digits.calibration_npz())
+    fp32 = ort_run(onnx.load(digits_model), {"image": images})[0]
+    int8 = ort_run(model, {"image": images})[0]
+    fp32_acc, int8_acc = np.mean(fp32.argmax(1) == labels), np.mean(int8.argmax(1) == labels)
+    assert int8_acc >= fp32_acc - 0.005
+    quant = [p for p in report.passes if p["name"] == "quant"][0]
+    assert quant["counts"]["weights quantized"] == 4
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> list[onnx.NodeProto]:
+    path = tmp_path / "ort_optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return list(onnx.load(path).graph.node)
+
+
+def _dangling_float_compute(nodes) -> list[str]:
+    """Float Conv/MatMul/Gemm still fed by a DequantizeLinear: QDQ that ORT did not fuse."""
+    producers = {o: n for n in nodes for o in n.output}
+    return [n.name for n in nodes if n.op_type in ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul")
+            and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
+def test_ort_runs_digits_on_integer_kernels(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    model, _ = _quantize(digits_model, digits.calibration_npz())
+    nodes = _optimized_ops(model, tmp_path)
+    ops = {n.op_type for n in nodes}
+    assert "QLinearConv" in ops
+    assert not _dangling_float_compute(nodes)
+
+
+def test_quantizing_twice_changes_nothing(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    once, _ = _quantize(digits_model, digits.calibration_npz())
+    twice, report = onnxopt.optimize(once, "quant", calibration=str(digits.calibration_npz()), compare=False)
+    assert not report.passes[0]["changed"]
+    assert "already quantized" in report.passes[0]["skipped"][0]
+    assert twice.SerializeToString() == once.SerializeToString()
+
+
+def test_dynamic_mode_needs_no_calibration(digits_model):
+    model, report = onnxopt.optimize(str(digits_model), "quant:mode=dynamic", compare=False)
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert report.passes[0]["details"]["mode"] == "dynamic"
+
+
+def test_missing_and_bad_calibration_data_are_clear(digits_model, tmp_path):
+    with pytest.raises(OnnxoptError, match="quant needs calibration data"):
+        onnxopt.optimize(str(digits_model), "quant", compare=False)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((4, 1, 8, 8), np.float32))
+    with pytest.raises(OnnxoptError, match="image"):
+        onnxopt.optimize(str(digits_model), "quant", calibration=str(bad), compare=False)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((4, 1, 8, 8), np.float64))
+    with pytest.raises(OnnxoptError, match="float64"):
+        onnxopt.optimize(str(digits_model), "quant", calibration=str(wrong), compare=False)
+
+
+def test_option_validation():
+    with pytest.raises(OnnxoptError, match="smooth must be in"):
+        onnxopt.optimize(conv_net(), "quant:smooth=1.5", compare=False)
+    with pytest.raises(OnnxoptError, match="not one of minmax, percentile, entropy, mse"):
+        onnxopt.optimize(conv_net(), "quant:method=kl", compare=False)
+
+
+def _minilm_embeddings(model, feeds):
+    from models import minilm
+
+    out = []
+    for i in range(0, len(feeds["input_ids"]), 50):
+        f = {k: v[i:i + 50] for k, v in feeds.items()}
+        out.append(minilm.embed(ort_run(model, f)[0], f["attention_mask"]))
+    return np.concatenate(out)
+
+
+@pytest.mark.slow
+def test_minilm_int8_embeddings_match_fp32(minilm_model, tmp_path, monkeypatch):
+    from models import minilm
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    model, _ = _quantize(minilm_model, minilm.calibration_npz(), verify="none")
+    feeds = minilm.evaluation_feeds(300)
+    fp32, int8 = _minilm_embeddings(onnx.load(minilm_model), feeds), _minilm_embeddings(model, feeds)
+    assert float(np.mean(np.sum(fp32 * int8, axis=1))) >= 0.995
+    nodes = _optimized_ops(model, tmp_path)
+    assert sum(n.op_type in ("MatMulIntegerToFloat", "QLinearMatMul") for n in nodes) >= 36
+    assert not _dangling_float_compute(nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_path, monkeypatch):
+    from models import minilm
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    model, report = _quantize(minilm_model, minilm.calibration_npz(), f"quant:method={method},samples=32",
+                              verify="none")
+    assert report.passes[-1]["details"]["method"] == method
+    feeds = minilm.evaluation_feeds(50)
+    cosine = float(np.mean(np.sum(_minilm_embeddings(onnx.load(minilm_model), feeds)
+                                  * _minilm_embeddings(model, feeds), axis=1)))
+    assert cosine > 0.98
