@@ -53,8 +53,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, *,
             exc.hint = f"the model before that pass was written to {output}"
         raise
     report = Report(pipeline=spec, input=str(input_path) if input_path else None,
-                    output=str(output) if output else None, ep=ep, original=model_stats(original),
-                    optimized=model_stats(optimized), passes=[r.to_dict() for r in manager.records],
+                    output=str(output) if output else None, ep=ep, original=manager.input_stats,
+                    optimized=manager.stats(optimized), passes=[r.to_dict() for r in manager.records],
                     notes=list(manager.notes))
     if compare and feeds is not None:
         _compare(original, optimized, feeds, report, ep, ep_fallback, runs, threads)

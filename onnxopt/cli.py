@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _optimize_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxopt", description="Optimize an ONNX model with a pipeline of passes. "
-                "Other commands: 'onnxopt passes', 'onnxopt inspect MODEL'.")
+                "Other commands: 'onnxopt passes', 'onnxopt inspect MODEL', 'onnxopt compare A B --data D'.")
     p.add_argument("model", help="input .onnx file")
     p.add_argument("-p", "--passes", help="pipeline, e.g. fold,fuse or quant:method=entropy")
     p.add_argument("-c", "--config", help="pipeline config file (.toml or .yaml)")
@@ -172,7 +172,32 @@ def _type(vi) -> str:
     return f"{dtype}[{', '.join(dims)}]"
 
 
-COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect}
+def cmd_compare(argv: list[str]) -> int:
+    from .inputs import generate_inputs, load_data, parse_shapes
+    from .model_io import load_model
+    from .runtime import make_session
+    from .tensor_compare import compare_tensors, render_errors
+    from .validation import compare_outputs, run
+
+    p = _simple_parser("compare", "Compare two models tensor by tensor (e.g. fp32 vs int8): worst SQNR first.")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("--data", help="inputs: .npz named by input, or a test_data_set_* folder")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="shape of a dynamic input")
+    p.add_argument("--top", type=int, default=10, help="how many tensors to list (default 10)")
+    p.add_argument("--ep", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    args = p.parse_args(argv)
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    feeds = load_data(args.data, reference) if args.data else generate_inputs(reference, parse_shapes(args.shape))
+    errors = compare_tensors(reference, candidate, feeds, args.ep)
+    agreement = compare_outputs(run(make_session(reference, args.ep), feeds), run(make_session(candidate, args.ep), feeds))
+    print(render_errors(errors, args.top) if errors else "no tensors in common by name")
+    top1 = f", top-1 agreement {agreement.top1 * 100:.1f}%" if agreement.top1 is not None else ""
+    print(f"\noutputs: max abs error {agreement.max_abs_error:.3g}, cosine {agreement.cosine:.6f}{top1}")
+    return 0
+
+
+COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ import onnx
 from .errors import OnnxoptError, PassFailedError
 from .model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .pass_api import Pass, PassContext, PassResult
-from .stats import model_stats
+from .stats import ModelStats, model_stats
 from .validation import Agreement, compare_outputs, reference_scale
 
 log = logging.getLogger("onnxopt")
@@ -132,6 +132,7 @@ class PassManager:
         self.rtol, self.atol = rtol, atol
         self.records: list[PassRecord] = []
         self.notes: list[str] = []
+        self._stats: tuple[onnx.ModelProto, ModelStats] | None = None  # stats of the current model, computed once
 
     def groups(self) -> list[list[Pass]]:
         """Consecutive fixed-point passes form one group; every other pass stands alone."""
@@ -143,7 +144,14 @@ class PassManager:
                 groups.append([p])
         return groups
 
+    def stats(self, model: onnx.ModelProto) -> ModelStats:
+        """Stats of `model`, reusing those of the last pass's result (sizing a large model is not free)."""
+        if self._stats is None or self._stats[0] is not model:
+            self._stats = (model, model_stats(model))
+        return self._stats[1]
+
     def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        self.input_stats = self.stats(model)
         verifier = Verifier(model, self.verify_mode, self.ctx, self.rtol, self.atol)
         self.notes.extend(verifier.notes)
         for group in self.groups():
@@ -159,7 +167,7 @@ class PassManager:
 
     def _run_one(self, p: Pass, model: onnx.ModelProto, verifier: Verifier,
                  iteration: int) -> tuple[onnx.ModelProto, PassRecord]:
-        before = model_stats(model)
+        before = self.stats(model)
         start = time.perf_counter()
         try:
             result: PassResult = p.run(copy_model(model), self.ctx)
@@ -172,6 +180,7 @@ class PassManager:
         if problem:
             raise PassFailedError(p.name, problem, last_good=model)
         after = model_stats(result.model) if result.changed else before
+        self._stats = (result.model if result.changed else model, after)
         record = PassRecord(
             name=p.name, iteration=iteration, changed=result.changed, seconds=seconds,
             counts=result.counts, skipped=result.skipped, notes=result.notes,

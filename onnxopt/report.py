@@ -101,9 +101,17 @@ def render(report: Report, show_ops: bool = False) -> str:
         ops = sorted(set(o.ops) | set(n.ops))
         parts.append(format_table([[op, str(o.ops.get(op, 0)), str(n.ops.get(op, 0)), ""] for op in ops],
                                   ["op type", "original", "optimized", ""]))
+    for p in report.passes:
+        worst = p.get("details", {}).get("worst_tensors")
+        if worst:
+            from .tensor_compare import TensorError, render_errors
+
+            parts.append(f"{p['name']}: quantized activations with the worst error (SQNR on calibration data)\n"
+                         + render_errors([TensorError(**w) for w in worst]))
     skipped = [f"  {p['name']}: {s}" for p in report.passes if p["iteration"] == 1 for s in p["skipped"]]
     if skipped:
         parts.append("skipped:\n" + "\n".join(skipped[:20]) + (f"\n  ... {len(skipped) - 20} more" if len(skipped) > 20 else ""))
-    if report.notes:
-        parts.append("notes:\n" + "\n".join(f"  {note}" for note in report.notes))
+    notes = list(report.notes) + [f"{p['name']}: {n}" for p in report.passes if p["iteration"] == 1 for n in p["notes"]]
+    if notes:
+        parts.append("notes:\n" + "\n".join(f"  {note}" for note in notes))
     return "\n\n".join(parts)

@@ -92,3 +92,32 @@ def measure_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, 
         label: Latency(float(np.median(times)), float(np.percentile(times, 90)), len(times))
         for label, times in samples.items()
     }
+
+
+@dataclasses.dataclass
+class SpeedCheck:
+    threads: int
+    batch: int
+    reference_ms: float
+    candidate_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.reference_ms / self.candidate_ms if self.candidate_ms else float("inf")
+
+
+def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 8), threads=(1, 2),
+                ep: str = "cpu", min_seconds: float = 0.3) -> list[SpeedCheck]:
+    """Times two models alternately for each thread count and batch size (sliced from `feeds`)."""
+    from .runtime import make_session
+
+    checks = []
+    available = min(len(v) for v in feeds.values()) if feeds else 1
+    for n_threads in threads:
+        sessions = {"reference": make_session(reference, ep, threads=n_threads),
+                    "candidate": make_session(candidate, ep, threads=n_threads)}
+        for batch in sorted({min(b, available) for b in batches}):
+            sliced = {k: v[:batch] for k, v in feeds.items()}
+            latency = measure_latency(sessions, sliced, runs=10, warmup=2, min_seconds=min_seconds)
+            checks.append(SpeedCheck(n_threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms))
+    return checks

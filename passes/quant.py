@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, option
 from onnxopt.graph import GraphView, NameGenerator, infer_value_info
+from onnxopt.tensor_compare import compare_tensors
 
 from . import quant_calibration as calibration
 from .quant_dynamic import dynamic_candidates, quantize_dynamic
@@ -40,6 +41,8 @@ class QuantOptions:
     samples: int = option(128, "calibration samples to use at most")
     batch_size: int = option(8, "calibration batch size")
     bits: Literal[8] = option(8, "weight bits")
+    keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads) "
+                                        "and keep the float model if int8 is slower in any of them")
 
     def __post_init__(self):
         if not 0 <= self.smooth < 1:
@@ -105,13 +108,42 @@ class Quantize(Pass):
                   for t in tensors if t in stats}
         smooth = self._smooth(model, groups, stats, ranges)
         plan = build_plan(model, nodes, tensors, ranges, plan_options, smooth)
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
         counts = QDQInserter(model).apply(plan)
         counts["activations smoothed"] = len(smooth)
         counts = {k: v for k, v in counts.items() if v}
+        if self.options.keep_if_slower:
+            slower = self._slower_than_float(float_model, model, data, ctx.ep)
+            if slower:
+                notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
+                             "Pass quant:keep_if_slower=false to keep int8 anyway")
+                return PassResult(float_model, changed=False, skipped=skipped, notes=notes,
+                                  details={"mode": "float (int8 slower)"})
         details = {"mode": "static", "method": self.options.method, "calibration": data.description,
-                   "calibration_samples": data.num_samples, "nodes_quantized": len(plan.nodes)}
+                   "calibration_samples": data.num_samples, "nodes_quantized": len(plan.nodes),
+                   "worst_tensors": self._worst_tensors(float_model, model, data, set(plan.activations))}
         return PassResult(model, changed=True, counts=counts, skipped=skipped + plan.skipped, notes=notes,
                           details=details)
+
+    @staticmethod
+    def _slower_than_float(float_model, model, data, ep: str) -> str:
+        """'' when int8 is at least as fast everywhere measured, else where it lost."""
+        from onnxopt.validation import speed_check
+
+        feeds = next(iter(data))
+        checks = speed_check(float_model, model, feeds, ep="cpu" if ep not in ("cpu",) else ep)
+        lost = [c for c in checks if c.speedup < 1.0]
+        return ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in lost)
+
+    @staticmethod
+    def _worst_tensors(float_model, model, data, tensors: set[str], samples: int = 2) -> list[dict]:
+        """The 10 quantized activations with the lowest SQNR on a slice of the calibration data."""
+        first = next(iter(data))
+        feeds = {k: v[:samples] for k, v in first.items()}
+        # `float_model` holds the smoothed weights: its activations are the ones QDQ approximates
+        errors = compare_tensors(float_model, model, feeds, only=tensors)
+        return [dataclasses.asdict(e) for e in errors[:10]]
 
     def _smooth(self, model, groups, stats, ranges) -> dict[str, np.ndarray]:
         """Scales each group's weights by s and records s for its QuantizeLinear; updates `ranges`."""

@@ -86,7 +86,7 @@ def test_smoothing_leaves_the_product_unchanged():
     assert (np.abs(x / s).max(0).max() / np.abs(x / s).max(0).min()) < (np.abs(x).max(0).max() / np.abs(x).max(0).min())
 
 
-def _quantize(path, calib, spec="fold,fuse,quant", **kwargs):
+def _quantize(path, calib, spec="fold,fuse,quant:keep_if_slower=false", **kwargs):
     return onnxopt.optimize(str(path), spec, calibration=str(calib), compare=False, **kwargs)
 
 
@@ -135,10 +135,29 @@ def test_quantizing_twice_changes_nothing(digits_model, tmp_path, monkeypatch):
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
     once, _ = _quantize(digits_model, digits.calibration_npz())
-    twice, report = onnxopt.optimize(once, "quant", calibration=str(digits.calibration_npz()), compare=False)
+    twice, report = onnxopt.optimize(once, "quant:keep_if_slower=false", calibration=str(digits.calibration_npz()),
+                                     compare=False)
     assert not report.passes[0]["changed"]
     assert "already quantized" in report.passes[0]["skipped"][0]
     assert twice.SerializeToString() == once.SerializeToString()
+
+
+@pytest.mark.parametrize("speedups,kept_float", [((1.3, 1.1, 1.2, 1.05), False), ((1.3, 0.9, 1.2, 1.05), True)])
+def test_float_model_is_kept_when_int8_is_slower_anywhere(digits_model, tmp_path, monkeypatch, speedups, kept_float):
+    from models import digits
+    from onnxopt import validation
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    fake = [validation.SpeedCheck(t, b, s, 1.0) for (t, b), s in zip([(1, 1), (1, 8), (2, 1), (2, 8)], speedups)]
+    monkeypatch.setattr(validation, "speed_check", lambda *a, **k: fake)
+    model, report = onnxopt.optimize(str(digits_model), "quant", calibration=str(digits.calibration_npz()),
+                                     compare=False)
+    quant = report.passes[-1]
+    assert quant["changed"] is not kept_float
+    assert ("QuantizeLinear" in {n.op_type for n in model.graph.node}) is not kept_float
+    if kept_float:
+        assert "0.90x at batch 8, 1 thread(s)" in quant["notes"][-1]
+        assert model.SerializeToString() == onnx.load(digits_model).SerializeToString()
 
 
 def test_dynamic_mode_needs_no_calibration(digits_model):
