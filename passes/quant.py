@@ -22,6 +22,7 @@ from onnxopt.tensor_compare import compare_tensors
 
 from . import quant_calibration as calibration
 from .quant_dynamic import dynamic_candidates, quantize_dynamic
+from .quant_int4 import int4_candidates, quantize_int4
 from .quant_plan import PlanOptions, build_plan, excluded, place, smoothing_factors, smoothing_groups
 from .quant_qdq import QDQInserter
 
@@ -40,7 +41,8 @@ class QuantOptions:
     exclude: str = option("", "node names or op types to keep float, ';'-separated; regular expressions allowed")
     samples: int = option(128, "calibration samples to use at most")
     batch_size: int = option(8, "calibration batch size")
-    bits: Literal[8] = option(8, "weight bits")
+    bits: Literal[8, 4] = option(8, "weight bits; 4: int4 weight-only MatMul (blockwise, ORT MatMulNBits)")
+    block_size: int = option(32, "int4: weights per scale along the reduction axis (power of two, >= 16)")
     keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads) "
                                         "and keep the float model if int8 is slower in any of them")
 
@@ -51,6 +53,8 @@ class QuantOptions:
             raise ValueError("percentile must be in (50, 100]")
         if self.samples < 1 or self.batch_size < 1:
             raise ValueError("samples and batch_size must be >= 1")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two >= 16")
 
 
 class Quantize(Pass):
@@ -72,6 +76,8 @@ class Quantize(Pass):
         if opset < 13:
             raise OnnxoptError(f"quant needs opset 13 or newer (per-channel QDQ); the model is opset {opset}",
                                "convert it with onnx.version_converter first")
+        if self.options.bits == 4:
+            return self._int4(model, notes)
         if self.options.mode == "dynamic":
             return self._dynamic(model, notes)
         return self._static(model, ctx, notes)
@@ -82,6 +88,14 @@ class Quantize(Pass):
         notes.append("mode=dynamic: MatMul weights int8, activations quantized per call (no calibration)")
         return PassResult(model, changed=count > 0, counts={"MatMuls quantized (dynamic)": count}, notes=notes,
                           details={"mode": "dynamic"})
+
+    def _int4(self, model: onnx.ModelProto, notes: list[str]) -> PassResult:
+        nodes = [n for n in int4_candidates(model, self.options.block_size) if not excluded(n, self.options.exclude)]
+        count = quantize_int4(model, nodes, self.options.block_size)
+        notes.append("bits=4: MatMul weights int4 blockwise as ORT MatMulNBits (accuracy_level 4: int8 compute); "
+                     "activations stay float")
+        return PassResult(model, changed=count > 0, counts={"MatMuls quantized (int4)": count}, notes=notes,
+                          details={"mode": "int4 weight-only", "block_size": self.options.block_size})
 
     def _static(self, model: onnx.ModelProto, ctx: PassContext, notes: list[str]) -> PassResult:
         from onnxopt.calib_data import open_calibration

@@ -223,3 +223,34 @@ def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_
     cosine = float(np.mean(np.sum(_minilm_embeddings(onnx.load(minilm_model), feeds)
                                   * _minilm_embeddings(model, feeds), axis=1)))
     assert cosine > 0.98
+
+
+def test_int4_packing_matches_ort_matmulnbits():
+    from onnx import helper, numpy_helper
+
+    from onnxopt.passes.quant_int4 import dequantize_blockwise, int4_candidates, quantize_blockwise, quantize_int4
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((96, 40)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 1, [3, 96])], [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_int4(model, int4_candidates(model, 32), 32, accuracy_level=0) == 1
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    dequantized = dequantize_blockwise(*quantize_blockwise(weight, 32), k=96)
+    assert np.abs(dequantized - weight).max() <= np.abs(weight).max() / 7 / 2 + 1e-6  # half a step at most
+    np.testing.assert_allclose(ort_run(model, {"x": x})[0], x @ dequantized, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_pass_rewrites_matmul_weights_only():
+    model, report = onnxopt.optimize(conv_net(), "quant:bits=4,block_size=16", compare=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and "Conv" in ops and "QuantizeLinear" not in ops
+    assert report.passes[0]["details"]["mode"] == "int4 weight-only"
+    x = np.random.default_rng(2).standard_normal((4, 2, 6, 6)).astype(np.float32)
+    ref, got = ort_run(conv_net(), {"x": x})[0], ort_run(model, {"x": x})[0]
+    # int4 weights move softmax probabilities by up to ~0.1 here (7 levels per sign, blocks of 16)
+    assert np.abs(ref - got).max() < 0.25 and np.mean(ref.argmax(1) == got.argmax(1)) >= 0.75
+    with pytest.raises(OnnxoptError, match="block_size must be a power of two"):
+        onnxopt.optimize(conv_net(), "quant:bits=4,block_size=24", compare=False)
