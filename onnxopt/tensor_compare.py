@@ -55,8 +55,13 @@ def _run_all(model: onnx.ModelProto, feeds, ep: str) -> dict[str, np.ndarray]:
 
 
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                    ep: str = "cpu", only: set[str] | None = None) -> list[TensorError]:
-    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first."""
+                    ep: str = "cpu", only: set[str] | None = None,
+                    rescale: dict[str, np.ndarray] | None = None) -> list[TensorError]:
+    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first.
+
+    `rescale` maps a tensor to per-channel (last axis) factors its candidate value is multiplied by
+    before comparing: a smoothed activation's DequantizeLinear yields x / s, not x.
+    """
     views = _dequantized_views(candidate)
     produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
     ref_names = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
@@ -68,8 +73,11 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     cand_values = _run_all(_with_outputs(candidate, [p[1] for p in pairs]), feeds, ep)
     errors = []
     for ref_name, cand_name in pairs:
+        got = np.asarray(cand_values[cand_name], np.float64)
+        if rescale and ref_name in rescale:
+            got = got * rescale[ref_name]
         ref = np.asarray(ref_values[ref_name], np.float64).ravel()
-        got = np.asarray(cand_values[cand_name], np.float64).ravel()
+        got = got.ravel()
         if ref.shape != got.shape or not ref.size:
             continue
         noise = float(np.sum((ref - got) ** 2))

@@ -18,12 +18,13 @@ from onnx import numpy_helper
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, option
 from onnxopt.graph import GraphView, NameGenerator, infer_value_info
+from onnxopt.manager import copy_model
 from onnxopt.tensor_compare import compare_tensors
 
 from . import quant_calibration as calibration
 from .quant_dynamic import dynamic_candidates, quantize_dynamic
 from .quant_int4 import int4_candidates, quantize_int4
-from .quant_plan import PlanOptions, build_plan, excluded, place, smoothing_factors, smoothing_groups
+from .quant_plan import COMPUTE_OPS, PlanOptions, build_plan, excluded, place, smoothing_factors, smoothing_groups
 from .quant_qdq import QDQInserter
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearConv",
@@ -43,6 +44,8 @@ class QuantOptions:
     batch_size: int = option(8, "calibration batch size")
     bits: Literal[8, 4] = option(8, "weight bits; 4: int4 weight-only MatMul (blockwise, ORT MatMulNBits)")
     block_size: int = option(32, "int4: weights per scale along the reduction axis (power of two, >= 16)")
+    auto: bool = option(False, "keep the layers that hurt the outputs most in float until max_error holds")
+    max_error: float = option(0.005, "auto: largest allowed 1 - cosine between float and int8 outputs on calibration data")
     keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads) "
                                         "and keep the float model if int8 is slower in any of them")
 
@@ -53,8 +56,21 @@ class QuantOptions:
             raise ValueError("percentile must be in (50, 100]")
         if self.samples < 1 or self.batch_size < 1:
             raise ValueError("samples and batch_size must be >= 1")
+        if not 0 < self.max_error < 1:
+            raise ValueError("max_error must be in (0, 1)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two >= 16")
+
+
+@dataclasses.dataclass
+class StaticResult:
+    model: onnx.ModelProto
+    smooth: dict[str, np.ndarray]  # activation -> per-channel factor its DequantizeLinear output is divided by
+    counts: dict[str, int]
+    skipped: list[str]
+    activations: set[str]
+    nodes_quantized: int
+    compute_outputs: list[str]  # one per quantized Conv/MatMul/Gemm: the handles auto mode keeps float
 
 
 class Quantize(Pass):
@@ -104,41 +120,63 @@ class Quantize(Pass):
             raise OnnxoptError("quant needs calibration data", "pass --calib data.npz (or --calib random to try it out)")
         data = open_calibration(ctx.calibration, model, batch_size=self.options.batch_size,
                                 samples=self.options.samples)
-        plan_options = PlanOptions(self.options.per_channel, self.options.symmetric_activations, self.options.exclude)
         floats = {n for n, vi in infer_value_info(model).items()
                   if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-        nodes, tensors, skipped = place(model, plan_options, floats)
+        nodes, tensors, _ = place(model, self._plan_options(), floats)
         if not nodes:
-            return PassResult(model, changed=False, skipped=skipped + ["nothing quantizable"], notes=notes)
+            return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache_dir, ep="cpu", progress=ctx.progress,
                                             channel_tensors=groups)
-        mask_like = {n for n, s in stats.items() if s.is_mask_like}
-        if mask_like:
-            nodes, tensors, skipped = place(model, plan_options, floats, mask_like)
-            groups = {t: [n for n in g if n in nodes] for t, g in groups.items() if t not in mask_like}
+
+        def quantize(keep_float: frozenset[str]) -> StaticResult:
+            return self._rewrite(model, floats, stats, keep_float)
+
+        result = quantize(frozenset())
+        details = {"mode": "static", "method": self.options.method, "calibration": data.description,
+                   "calibration_samples": data.num_samples}
+        if self.options.auto:
+            from .quant_auto import keep_sensitive_float
+
+            kept, sensitivity = keep_sensitive_float(quantize, model, result, data, self.options.max_error, ctx.progress)
+            if kept:
+                result = quantize(kept)
+            notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} "
+                         f"(output error {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
+            details["auto"] = sensitivity
+        if self.options.keep_if_slower:
+            slower = self._slower_than_float(model, result.model, data, ctx.ep)
+            if slower:
+                notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
+                             "Pass quant:keep_if_slower=false to keep int8 anyway")
+                return PassResult(model, changed=False, skipped=result.skipped, notes=notes,
+                                  details={"mode": "float (int8 slower)"})
+        details["nodes_quantized"] = result.nodes_quantized
+        details["worst_tensors"] = self._worst_tensors(model, result, data)
+        return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
+                          details=details)
+
+    def _plan_options(self, keep_float: frozenset[str] = frozenset()) -> PlanOptions:
+        return PlanOptions(self.options.per_channel, self.options.symmetric_activations, self.options.exclude,
+                           keep_float=keep_float)
+
+    def _rewrite(self, model: onnx.ModelProto, floats: set[str], stats: dict, keep_float: frozenset[str]) -> StaticResult:
+        """Plan and QDQ-rewrite a copy of `model`, leaving the nodes producing `keep_float` outputs float."""
+        model = copy_model(model)
+        options = self._plan_options(keep_float)
+        mask_like = frozenset(n for n, s in stats.items() if s.is_mask_like)
+        nodes, tensors, skipped = place(model, options, floats, mask_like)
+        groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
         ranges = {t: calibration.compute_range(stats[t], self.options.method, percentile=self.options.percentile,
                                                symmetric=self.options.symmetric_activations)
                   for t in tensors if t in stats}
         smooth = self._smooth(model, groups, stats, ranges)
-        plan = build_plan(model, nodes, tensors, ranges, plan_options, smooth)
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
+        plan = build_plan(model, nodes, tensors, ranges, options, smooth)
         counts = QDQInserter(model).apply(plan)
         counts["activations smoothed"] = len(smooth)
-        counts = {k: v for k, v in counts.items() if v}
-        if self.options.keep_if_slower:
-            slower = self._slower_than_float(float_model, model, data, ctx.ep)
-            if slower:
-                notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
-                             "Pass quant:keep_if_slower=false to keep int8 anyway")
-                return PassResult(float_model, changed=False, skipped=skipped, notes=notes,
-                                  details={"mode": "float (int8 slower)"})
-        details = {"mode": "static", "method": self.options.method, "calibration": data.description,
-                   "calibration_samples": data.num_samples, "nodes_quantized": len(plan.nodes),
-                   "worst_tensors": self._worst_tensors(float_model, model, data, set(plan.activations))}
-        return PassResult(model, changed=True, counts=counts, skipped=skipped + plan.skipped, notes=notes,
-                          details=details)
+        return StaticResult(model, smooth, {k: v for k, v in counts.items() if v}, skipped + plan.skipped,
+                            set(plan.activations), len(plan.nodes),
+                            [n.output[0] for n in plan.nodes if n.op_type in COMPUTE_OPS])
 
     @staticmethod
     def _slower_than_float(float_model, model, data, ep: str) -> str:
@@ -146,17 +184,16 @@ class Quantize(Pass):
         from onnxopt.validation import speed_check
 
         feeds = next(iter(data))
-        checks = speed_check(float_model, model, feeds, ep="cpu" if ep not in ("cpu",) else ep)
+        checks = speed_check(float_model, model, feeds, ep=ep)
         lost = [c for c in checks if c.speedup < 1.0]
         return ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in lost)
 
     @staticmethod
-    def _worst_tensors(float_model, model, data, tensors: set[str], samples: int = 2) -> list[dict]:
+    def _worst_tensors(float_model, result: StaticResult, data, samples: int = 2) -> list[dict]:
         """The 10 quantized activations with the lowest SQNR on a slice of the calibration data."""
         first = next(iter(data))
         feeds = {k: v[:samples] for k, v in first.items()}
-        # `float_model` holds the smoothed weights: its activations are the ones QDQ approximates
-        errors = compare_tensors(float_model, model, feeds, only=tensors)
+        errors = compare_tensors(float_model, result.model, feeds, only=result.activations, rescale=result.smooth)
         return [dataclasses.asdict(e) for e in errors[:10]]
 
     def _smooth(self, model, groups, stats, ranges) -> dict[str, np.ndarray]:

@@ -102,6 +102,7 @@ class PlanOptions:
     symmetric_activations: bool = False
     exclude: str = ""
     include: tuple[str, ...] = ()
+    keep_float: frozenset[str] = frozenset()  # nodes (by first output) that auto mode keeps float
 
 
 def excluded(node: onnx.NodeProto, pattern: str) -> bool:
@@ -153,6 +154,9 @@ def place(model: onnx.ModelProto, options: PlanOptions, float_tensors: set[str],
             continue
         if excluded(node, options.exclude):
             skipped.append(f"{node.op_type} '{node.name}': excluded by option")
+            continue
+        if node.output[0] in options.keep_float:
+            skipped.append(f"{node.op_type} '{node.name}': kept float by auto (sensitive)")
             continue
         if node.op_type in FUSED_ACTIVATIONS:
             if node.input[0] in quantized:
