@@ -107,17 +107,24 @@ class SpeedCheck:
 
 
 def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 8), threads=(1, 2),
-                ep: str = "cpu", min_seconds: float = 0.3) -> list[SpeedCheck]:
-    """Times two models alternately for each thread count and batch size (sliced from `feeds`)."""
+                ep: str = "cpu", min_seconds: float = 0.3, clear_win: float | None = None) -> list[SpeedCheck]:
+    """Times two models alternately for each thread count and batch size (sliced from `feeds`).
+
+    With `clear_win`, larger batches are not timed once every thread count at the smallest batch is
+    at least that much faster: a GEMM-bound model's gain grows with the batch.
+    """
     from .runtime import make_session
 
     checks = []
     available = min(len(v) for v in feeds.values()) if feeds else 1
-    for n_threads in threads:
-        sessions = {"reference": make_session(reference, ep, threads=n_threads),
-                    "candidate": make_session(candidate, ep, threads=n_threads)}
-        for batch in sorted({min(b, available) for b in batches}):
-            sliced = {k: v[:batch] for k, v in feeds.items()}
-            latency = measure_latency(sessions, sliced, runs=10, warmup=2, min_seconds=min_seconds)
+    for batch in sorted({min(b, available) for b in batches}):
+        sliced = {k: v[:batch] for k, v in feeds.items()}
+        for n_threads in threads:  # two sessions alive at a time: a large model's memory stays bounded
+            sessions = {"reference": make_session(reference, ep, threads=n_threads),
+                        "candidate": make_session(candidate, ep, threads=n_threads)}
+            latency = measure_latency(sessions, sliced, runs=5, warmup=2, min_seconds=min_seconds)
             checks.append(SpeedCheck(n_threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms))
+            del sessions
+        if clear_win and all(c.speedup >= clear_win for c in checks):
+            break
     return checks

@@ -10,6 +10,7 @@ Dynamic mode (`quant_dynamic`) quantizes MatMul weights only and lets ORT quanti
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Literal
 
 import numpy as np
@@ -39,6 +40,8 @@ class QuantOptions:
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     symmetric_activations: bool = option(False, "int8 symmetric activations (TensorRT) instead of uint8 asymmetric")
     smooth: float = option(0.8, "SmoothQuant alpha for activations feeding MatMul weights (0: off)")
+    smooth_min_ratio: float = option(1.0, "smooth only activations whose largest channel max exceeds the median "
+                                          "channel max this many times (outlier channels); each costs a Mul")
     exclude: str = option("", "node names or op types to keep float, ';'-separated; regular expressions allowed")
     samples: int = option(128, "calibration samples to use at most")
     batch_size: int = option(8, "calibration batch size")
@@ -46,8 +49,9 @@ class QuantOptions:
     block_size: int = option(32, "int4: weights per scale along the reduction axis (power of two, >= 16)")
     auto: bool = option(False, "keep the layers that hurt the outputs most in float until max_error holds")
     max_error: float = option(0.005, "auto: largest allowed 1 - cosine between float and int8 outputs on calibration data")
-    keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads) "
-                                        "and keep the float model if int8 is slower in any of them")
+    keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads; batch 8 "
+                                        "is skipped when batch 1 is 1.15x faster) and keep the float model if int8 "
+                                        "is slower in any of them")
 
     def __post_init__(self):
         if not 0 <= self.smooth < 1:
@@ -126,15 +130,17 @@ class Quantize(Pass):
         if not nodes:
             return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
+        started = time.perf_counter()
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache_dir, ep="cpu", progress=ctx.progress,
                                             channel_tensors=groups)
+        calibration_seconds = time.perf_counter() - started
 
         def quantize(keep_float: frozenset[str]) -> StaticResult:
             return self._rewrite(model, floats, stats, keep_float)
 
         result = quantize(frozenset())
         details = {"mode": "static", "method": self.options.method, "calibration": data.description,
-                   "calibration_samples": data.num_samples}
+                   "calibration_samples": data.num_samples, "calibration_seconds": calibration_seconds}
         if self.options.auto:
             from .quant_auto import keep_sensitive_float
 
@@ -145,12 +151,12 @@ class Quantize(Pass):
                          f"(output error {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
             details["auto"] = sensitivity
         if self.options.keep_if_slower:
-            slower = self._slower_than_float(model, result.model, data, ctx.ep)
+            slower, details["speed_check"] = self._speed_check(model, result.model, data, ctx.ep)
             if slower:
                 notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
                              "Pass quant:keep_if_slower=false to keep int8 anyway")
                 return PassResult(model, changed=False, skipped=result.skipped, notes=notes,
-                                  details={"mode": "float (int8 slower)"})
+                                  details={"mode": "float (int8 slower)", "speed_check": details["speed_check"]})
         details["nodes_quantized"] = result.nodes_quantized
         details["worst_tensors"] = self._worst_tensors(model, result, data)
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
@@ -179,14 +185,14 @@ class Quantize(Pass):
                             [n.output[0] for n in plan.nodes if n.op_type in COMPUTE_OPS])
 
     @staticmethod
-    def _slower_than_float(float_model, model, data, ep: str) -> str:
-        """'' when int8 is at least as fast everywhere measured, else where it lost."""
+    def _speed_check(float_model, model, data, ep: str) -> tuple[str, list[dict]]:
+        """(where int8 lost to float, '' if nowhere; every measurement for the report)."""
         from onnxopt.validation import speed_check
 
         feeds = next(iter(data))
-        checks = speed_check(float_model, model, feeds, ep=ep)
-        lost = [c for c in checks if c.speedup < 1.0]
-        return ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in lost)
+        checks = speed_check(float_model, model, feeds, ep=ep, min_seconds=0.2, clear_win=1.15)
+        lost = ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in checks if c.speedup < 1.0)
+        return lost, [dict(dataclasses.asdict(c), speedup=c.speedup) for c in checks]
 
     @staticmethod
     def _worst_tensors(float_model, result: StaticResult, data, samples: int = 2) -> list[dict]:
@@ -207,9 +213,11 @@ class Quantize(Pass):
             st = stats.get(tensor)
             if st is None or st.channel_min is None:
                 continue
+            channel_absmax = np.maximum(np.abs(st.channel_min), np.abs(st.channel_max))
+            if channel_absmax.max() < self.options.smooth_min_ratio * max(float(np.median(channel_absmax)), 1e-12):
+                continue
             weights = [view.constant(r.input[1]) for r in readers]
-            s = smoothing_factors(np.maximum(np.abs(st.channel_min), np.abs(st.channel_max)), weights,
-                                  self.options.smooth)
+            s = smoothing_factors(channel_absmax, weights, self.options.smooth)
             for reader, weight in zip(readers, weights):
                 name = names(reader.input[1] + "_smoothed")
                 model.graph.initializer.append(numpy_helper.from_array((weight * s[:, None]).astype(weight.dtype), name))
