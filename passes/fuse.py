@@ -1,4 +1,5 @@
-"""Operator fusion (`fuse`): BatchNormalization into the Conv/ConvTranspose before it, MatMul+Add into Gemm.
+"""Operator fusion (`fuse`): BatchNormalization and per-channel affine Mul/Add into the op before them,
+MatMul+Add into Gemm.
 
 Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
 s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
@@ -80,6 +81,91 @@ class ConvBatchNorm:
                                      numpy_helper.from_array(new_bias.astype(weight.dtype), b_name)])
 
 
+def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """`value` as one number per channel (axis 1 of a rank-`rank` NC... tensor), if it broadcasts so."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[0] != 1 or shape[1] not in (1, channels) or any(d != 1 for d in shape[2:]):
+        return None
+    return np.broadcast_to(value.reshape(-1) if value.size > 1 else value.reshape(1), (channels,))
+
+
+class ChannelAffine:
+    """Conv or BatchNormalization followed by Mul/Add with a per-channel constant (e.g. caffe2 affine layers).
+
+    Conv: (x * W + b) * a = x * (W a) + b a and (x * W + b) + a = x * W + (b + a), per output channel.
+    BN: (s n + B) * a = (s a) n + B a and (s n + B) + a = s n + (B + a), with n the normalized input.
+    """
+
+    def __init__(self, producer: str, op: str):
+        self.producer, self.op = producer, op
+        self.name = f"{producer}+{op}"
+
+    def match(self, node, view: GraphView) -> Match | None:
+        if node.op_type != self.producer or node.domain not in ("", "ai.onnx"):
+            return None
+        user = view.single_consumer(node.output[0])
+        if user is None or user.op_type != self.op or user.domain not in ("", "ai.onnx"):
+            return None
+        other = user.input[1] if user.input[0] == node.output[0] else user.input[0]
+        return Match([node, user], {"node": node, "user": user, "other": other})
+
+    def check(self, match: Match, view: GraphView) -> str | None:
+        node = match.values["node"]
+        value = view.constant(match.values["other"])
+        if value is None or not np.issubdtype(value.dtype, np.floating):
+            return "the other operand is not a float constant"
+        if self.producer == "Conv":
+            weight = view.constant(node.input[1])
+            if weight is None or (len(node.input) > 2 and node.input[2] and view.constant(node.input[2]) is None):
+                return "weight or bias is not constant"
+            channels, rank = weight.shape[0], weight.ndim
+        else:
+            if any(view.constant(n) is None for n in node.input[1:5]) or _attr(node, "training_mode", 0):
+                return "BatchNormalization parameters are not constant"
+            channels, rank = view.constant(node.input[1]).shape[0], view.rank(node.input[0])
+            if rank is None:
+                return "input rank unknown"
+        if _per_channel(value, rank, channels) is None:
+            return "constant is not per channel"
+        return None
+
+    def replace(self, match: Match, view: GraphView, names: NameGenerator) -> Replacement:
+        node, user = match.values["node"], match.values["user"]
+        fused = onnx.NodeProto()
+        fused.CopyFrom(node)
+        fused.output[:] = [user.output[0]]
+        new = []
+        if self.producer == "Conv":
+            weight = view.constant(node.input[1])
+            channels = weight.shape[0]
+            a = _per_channel(view.constant(match.values["other"]), weight.ndim, channels).astype(np.float64)
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            bias = view.constant(node.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
+            if self.op == "Mul":
+                weight = weight * a.reshape((-1,) + (1,) * (weight.ndim - 1))
+                bias = bias * a
+            else:
+                bias = bias + a
+            w_name, b_name = names(node.input[1] + "_affine"), names(user.output[0] + "_bias")
+            new = [numpy_helper.from_array(weight.astype(view.constant(node.input[1]).dtype), w_name),
+                   numpy_helper.from_array(bias.astype(view.constant(node.input[1]).dtype), b_name)]
+            fused.input[:] = [node.input[0], w_name, b_name]
+        else:
+            scale, shift = view.constant(node.input[1]), view.constant(node.input[2])
+            a = _per_channel(view.constant(match.values["other"]), view.rank(node.input[0]), scale.shape[0])
+            if self.op == "Mul":
+                scale, shift = scale * a, shift * a
+            else:
+                shift = shift + a
+            s_name, b_name = names(node.input[1] + "_affine"), names(node.input[2] + "_affine")
+            new = [numpy_helper.from_array(scale.astype(view.constant(node.input[1]).dtype), s_name),
+                   numpy_helper.from_array(shift.astype(view.constant(node.input[2]).dtype), b_name)]
+            fused.input[:] = [node.input[0], s_name, b_name] + list(node.input[3:5])
+        return Replacement([fused], new)
+
+
 class MatMulAddToGemm:
     name = "MatMul+Add->Gemm"
 
@@ -115,11 +201,12 @@ class MatMulAddToGemm:
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
     conv_bn: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose")
+    affine: bool = option(True, "fold per-channel constant Mul/Add into the preceding Conv or BatchNormalization")
     gemm: bool = option(True, "turn MatMul+Add with a constant 2-D weight into Gemm")
 
 
 class FuseOps(Pass):
-    """Fuse Conv+BatchNormalization (and ConvTranspose+BN) and MatMul+Add into Gemm."""
+    """Fuse Conv/ConvTranspose+BatchNormalization, per-channel Mul/Add into Conv/BN, MatMul+Add into Gemm."""
 
     name = "fuse"
     Options = FuseOptions
@@ -129,9 +216,11 @@ class FuseOps(Pass):
         rules = []
         if self.options.conv_bn:
             rules += [ConvBatchNorm("Conv"), ConvBatchNorm("ConvTranspose")]
+        if self.options.affine:
+            rules += [ChannelAffine(p, op) for p in ("Conv", "BatchNormalization") for op in ("Mul", "Add")]
         if self.options.gemm:
             rules.append(MatMulAddToGemm())
-        value_info = infer_value_info(model) if self.options.gemm else None
+        value_info = infer_value_info(model) if self.options.gemm or self.options.affine else None
         outcome = apply_rules(model.graph, rules, value_info)
         if outcome.counts:
             remove_unused_initializers(model.graph)

@@ -111,3 +111,42 @@ def test_training_mode_batchnorm_is_left_alone():
     result = run_pass(FuseOps, model)
     assert not result.changed
     assert any("training mode" in s for s in result.skipped)
+
+
+def affine_model(producer: str, op: str, const_shape) -> onnx.ModelProto:
+    c = 6
+    value = rng.uniform(0.5, 1.5, const_shape).astype(np.float32)
+    inits = [numpy_helper.from_array(value, "a")]
+    if producer == "Conv":
+        inits += [numpy_helper.from_array(rng.standard_normal((c, 4, 3, 3)).astype(np.float32), "w")]
+        first = helper.make_node("Conv", ["x", "w"], ["p"], pads=[1, 1, 1, 1])
+    else:
+        for n in ("scale", "shift", "mean"):
+            inits.append(numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), n))
+        inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"))
+        first = helper.make_node("BatchNormalization", ["x", "scale", "shift", "mean", "var"], ["p"])
+    cin = 4 if producer == "Conv" else c
+    nodes = [first, helper.make_node(op, ["p", "a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("producer", ["Conv", "BatchNormalization"])
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+@pytest.mark.parametrize("shape", [(6, 1, 1), (1, 6, 1, 1), (1,)])
+def test_per_channel_affine_folds_into_producer(producer, op, shape):
+    model = affine_model(producer, op, shape)
+    result = run_pass(FuseOps, model)
+    assert [n.op_type for n in result.model.graph.node] == [producer]
+    assert result.counts == {f"{producer}+{op}": 1}
+    cin = 4 if producer == "Conv" else 6
+    assert_same_outputs(model, result.model, {"x": rng.standard_normal((2, cin, 5, 5)).astype(np.float32)},
+                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 5), (1, 6, 5, 1)])
+def test_affine_that_is_not_per_channel_is_left_alone(shape):
+    result = run_pass(FuseOps, affine_model("Conv", "Mul", shape))
+    assert not result.changed
+    assert any("not per channel" in s for s in result.skipped)
