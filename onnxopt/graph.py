@@ -182,19 +182,21 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def infer_dims(model: onnx.ModelProto, symbolic: bool = False) -> dict[str, tuple[int | str | None, ...]]:
+    """Each tensor's dims as onnx shape inference finds them: a number, or with `symbolic` the
+    dim_param name ("batch") where inference carried one, else None."""
+    dims = {}
+    for name, vi in infer_value_info(model).items():
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims[name] = tuple(d.dim_value if d.HasField("dim_value")
+                               else (d.dim_param or None) if symbolic else None for d in tt.shape.dim)
+    return dims
+
+
 def infer_shapes_light(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Fully static shapes of tensors, as onnx shape inference finds them (empty dict if it fails)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
-    except Exception:
-        return {}
-    shapes = {}
-    graph = inferred.graph
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
-    return shapes
+    return {name: dims for name, dims in infer_dims(model).items() if all(d is not None for d in dims)}
 
 
 def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

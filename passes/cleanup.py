@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 
 import networkx as nx
+import numpy as np
 import onnx
 
-from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, subgraph_inputs
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, NameGenerator, has_subgraph, subgraph_inputs
 
 SINK = "__graph_outputs__"
 
@@ -61,9 +62,10 @@ def remove_unused_initializers(graph: onnx.GraphProto) -> int:
     return len(unused)
 
 
-def remove_identities(graph: onnx.GraphProto) -> int:
-    """Bypasses Identity and inference-mode Dropout (when its mask is unused)."""
+def remove_identities(graph: onnx.GraphProto, elem_types: dict[str, int] | None = None) -> int:
+    """Bypasses Identity, inference-mode Dropout (when its mask is unused) and Cast to the type it already has."""
     view = GraphView(graph)
+    view.elem_types = elem_types or {}
     pinned = outer_scope_names(graph) | view.graph_inputs | set(view.initializers)
     removed = []
     for node in graph.node:
@@ -89,6 +91,9 @@ def _is_passthrough(node: onnx.NodeProto, view: GraphView) -> bool:
         return False
     if node.op_type == "Identity":
         return True
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        return to is not None and view.elem_types.get(node.input[0]) == to
     if node.op_type != "Dropout":
         return False
     if len(node.output) > 1 and node.output[1] and view.consumers.get(node.output[1]):
@@ -164,3 +169,61 @@ def _remove_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     kept = [n for n in graph.node if id(n) not in doomed]
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def merge_reshape_chains(graph: onnx.GraphProto) -> int:
+    """Reshape(Reshape(x, a), b) -> Reshape(x, b) when b is constant without 0s (only the element
+    count carries over, and 0 would copy a dim of the intermediate) and nothing else reads Reshape(x, a)."""
+    view = GraphView(graph)
+    merged = 0
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        inner = view.producer.get(node.input[0])
+        target = view.constant(node.input[1])
+        if (inner is None or inner.op_type != "Reshape" or target is None or 0 in target
+                or view.single_consumer(inner.output[0]) is not node):
+            continue
+        node.input[0] = inner.input[0]
+        merged += 1
+    return merged
+
+
+def merge_unsqueeze_chains(graph: onnx.GraphProto, ranks: dict[str, int]) -> int:
+    """Unsqueeze(Unsqueeze(x, a), b) -> Unsqueeze(x, c), c the positions of every inserted axis.
+
+    Only for opset >= 13 graphs (axes as a constant input) and when x's rank is known.
+    """
+    view = GraphView(graph)
+    names = NameGenerator(graph)
+    new_axes: dict[str, np.ndarray] = {}  # merged axes added in this run (a chain merges in one go)
+    merged = 0
+    for node in graph.node:
+        if node.op_type != "Unsqueeze" or len(node.input) < 2:
+            continue
+        inner = view.producer.get(node.input[0])
+        if inner is None or inner.op_type != "Unsqueeze" or len(inner.input) < 2:
+            continue
+        first = new_axes[inner.input[1]] if inner.input[1] in new_axes else view.constant(inner.input[1])
+        second = view.constant(node.input[1])
+        rank = ranks.get(inner.input[0])
+        if first is None or second is None or rank is None or view.single_consumer(inner.output[0]) is not node:
+            continue
+        layout = _insert_axes(["x"] * rank, first)
+        layout = _insert_axes(layout, second)
+        axes = np.array([i for i, d in enumerate(layout) if d == "new"], dtype=np.int64)
+        name = names(node.input[1] + "_merged")
+        graph.initializer.append(onnx.numpy_helper.from_array(axes, name))
+        new_axes[name] = axes
+        node.input[:] = [inner.input[0], name]
+        merged += 1
+    return merged
+
+
+def _insert_axes(layout: list[str], axes: np.ndarray) -> list[str]:
+    rank = len(layout) + axes.size
+    positions = sorted(int(a) % rank for a in np.atleast_1d(axes))
+    out, source = [], iter(layout)
+    for i in range(rank):
+        out.append("new" if i in positions else next(source))
+    return out

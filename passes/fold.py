@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
-from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_shapes_light
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_dims, infer_value_info
 
 from . import cleanup
 
@@ -28,7 +28,7 @@ from . import cleanup
 class FoldOptions:
     max_folded_mb: float = option(0.0, "leave a node unfolded if its outputs would exceed this many MB (0: no limit)")
     fold_shapes: bool = option(True, "turn Shape/Size of statically shaped tensors into constants")
-    remove_identity: bool = option(True, "bypass Identity and inference-mode Dropout")
+    remove_identity: bool = option(True, "bypass Identity, inference-mode Dropout and Cast to the same type")
     dedupe: bool = option(True, "merge equal initializers and identical nodes (common subexpressions)")
 
     def __post_init__(self):
@@ -51,18 +51,29 @@ class FoldConstants(Pass):
         counts["constant nodes to initializers"] = constants_to_initializers(graph)
         if self.options.fold_shapes:
             counts["shapes made static"] = fold_static_shapes(model)
+            counts["reshape shapes made constant"] = reshape_copies_of_input_dims(model)
         folded, reasons = fold_constant_nodes(model, self.options.max_folded_mb)
         counts["nodes folded"] = folded
         skipped.extend(reasons)
         if self.options.remove_identity:
-            counts["identities removed"] = cleanup.remove_identities(graph)
+            types = {n: vi.type.tensor_type.elem_type for n, vi in infer_value_info(model).items()
+                     if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+            counts["identities removed"] = cleanup.remove_identities(graph, types)
         if self.options.dedupe:
             counts["duplicates merged"] = cleanup.eliminate_duplicates(graph)
+        counts["reshape chains merged"] = cleanup.merge_reshape_chains(graph)
+        if _opset(model) >= 13:
+            ranks = {name: len(d) for name, d in infer_dims(model).items()}
+            counts["unsqueeze chains merged"] = cleanup.merge_unsqueeze_chains(graph, ranks)
         counts["dead nodes removed"] = cleanup.remove_dead_nodes(graph)
         counts["unused initializers removed"] = cleanup.remove_unused_initializers(graph)
         prune_value_info(graph)
         counts = Counter({k: v for k, v in counts.items() if v})
         return PassResult(model, changed=bool(counts), counts=dict(counts), skipped=skipped)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
 
 
 def drop_legacy_initializer_inputs(model: onnx.ModelProto) -> int:
@@ -96,26 +107,103 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> int:
-    """Shape/Size nodes whose input has a fully known shape become initializers."""
-    shapes = infer_shapes_light(model)
+    """Shape/Size of tensors with known dims become initializers, and so do Gathers of known dims
+    from a Shape whose other dims are dynamic (Gather(Shape(x), 2) is 384 even with a dynamic batch)."""
+    dims = infer_dims(model)
     graph = model.graph
+    view = GraphView(graph, model.ir_version)
     replaced = []
     for node in graph.node:
-        if node.op_type not in ("Shape", "Size") or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        shape = shapes.get(node.input[0])
-        if shape is None:
-            continue
-        if node.op_type == "Size":
-            value = np.array(int(np.prod(shape)), dtype=np.int64)
-        else:
-            attrs = {a.name: a.i for a in node.attribute}
-            start, end = attrs.get("start", 0), attrs.get("end", len(shape))
-            value = np.array(shape[slice(start, end)], dtype=np.int64)
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        replaced.append(node)
+        value = None
+        if node.op_type in ("Shape", "Size"):
+            shape = dims.get(node.input[0])
+            if shape is None:
+                continue
+            if node.op_type == "Shape":
+                attrs = {a.name: a.i for a in node.attribute}
+                shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
+            if all(d is not None for d in shape):
+                value = (np.array(shape, dtype=np.int64) if node.op_type == "Shape"
+                         else np.array(int(np.prod(shape)), dtype=np.int64))
+        elif node.op_type == "Gather":
+            value = _gathered_static_dims(node, view, dims)
+        if value is not None:
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            replaced.append(node)
     cleanup._remove_nodes(graph, replaced)
     return len(replaced)
+
+
+def _gathered_static_dims(node: onnx.NodeProto, view: GraphView, dims) -> np.ndarray | None:
+    shape_node = view.producer.get(node.input[0])
+    indices = view.constant(node.input[1])
+    if shape_node is None or shape_node.op_type != "Shape" or indices is None or any(a.i for a in node.attribute):
+        return None
+    attrs = {a.name: a.i for a in shape_node.attribute}
+    shape = dims.get(shape_node.input[0])
+    if shape is None:
+        return None
+    shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
+    picked = np.take(np.array([-1 if d is None else d for d in shape], dtype=np.int64), indices)
+    return picked if np.all(picked >= 0) else None
+
+
+def reshape_copies_of_input_dims(model: onnx.ModelProto) -> int:
+    """Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)) at position i, constants...)) -> Reshape(x, [0, ..., c]).
+
+    With allowzero=0 a 0 in the target shape copies the input's dim at that position, which is all
+    the Shape arithmetic computes; the dynamic dims stay dynamic and the subgraph goes away. The
+    Shape may read another tensor when shape inference shows that dim is the same (same number or
+    same symbolic name, e.g. "batch").
+    """
+    view = GraphView(model.graph, model.ir_version)
+    dims = None
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        if view.constant(node.input[1]) is not None:
+            continue
+        dims = dims if dims is not None else infer_dims(model, symbolic=True)
+        target = _copied_dims(node.input[0], node.input[1], view, dims)
+        if target is None:
+            continue
+        name = node.input[1] + "_static"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
+def _copied_dims(data: str, shape: str, view: GraphView, dims) -> list[int] | None:
+    concat = view.producer.get(shape)
+    if concat is None or concat.op_type != "Concat":
+        return None
+    target: list[int] = []
+    for piece in concat.input:
+        value = view.constant(piece)
+        if value is not None:
+            if value.ndim != 1 or 0 in value:  # a literal 0 would change meaning
+                return None
+            target.extend(int(v) for v in value)
+            continue
+        unsqueeze = view.producer.get(piece)
+        gather = view.producer.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+        source = view.producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
+        index = view.constant(gather.input[1]) if gather is not None else None
+        if source is None or source.op_type != "Shape" or source.attribute or index is None or index.ndim != 0:
+            return None
+        position = len(target)
+        if source.input[0] != data or int(index) != position:
+            data_dims, source_dims = dims.get(data), dims.get(source.input[0])
+            if (data_dims is None or source_dims is None or position >= len(data_dims)
+                    or not -len(source_dims) <= int(index) < len(source_dims)
+                    or data_dims[position] is None or data_dims[position] != source_dims[int(index)]):
+                return None
+        target.append(0)
+    return target if 0 in target else None
 
 
 @dataclasses.dataclass

@@ -189,7 +189,7 @@ def test_corrupt_weights_still_load(tmp_path, capsys):
     ("nope", ["unknown pass 'nope'", "valid passes:", "fold", "fuse"]),
     ("fold:bogus=1", ["pass 'fold' has no option 'bogus'",
                       "valid options: max_folded_mb, fold_shapes, remove_identity, dedupe"]),
-    ("fuse:gem=true", ["pass 'fuse' has no option 'gem'", "valid options: conv_bn, gemm"]),
+    ("fuse:gem=true", ["pass 'fuse' has no option 'gem'", "valid options: conv_bn, affine, gemm"]),
     ("fold:max_folded_mb=abc", ["fold:max_folded_mb", "expected float", "'abc'"]),
     ("fuse:gemm=maybe", ["fuse:gemm", "expected true or false", "'maybe'"]),
     ("fold:max_folded_mb", ["malformed option 'max_folded_mb'"]),

@@ -195,3 +195,63 @@ def test_option_validation_message():
         build_options("fold", FoldConstants.Options, {"max_folded_mb": "-1"})
     with pytest.raises(OnnxoptError, match="expected float"):
         build_options("fold", FoldConstants.Options, {"max_folded_mb": "lots"})
+
+
+def test_reshape_copying_dynamic_dims_gets_a_constant_shape():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, S, 8] x) => (float[B, S, 2, 4] y) {
+        s = Shape(x)
+        i0 = Constant<value = int64 {0}>()
+        i1 = Constant<value = int64 {1}>()
+        ax = Constant<value = int64[1] {0}>()
+        b = Gather(s, i0)
+        q = Gather(s, i1)
+        bu = Unsqueeze(b, ax)
+        qu = Unsqueeze(q, ax)
+        rest = Constant<value = int64[2] {2, 4}>()
+        shape = Concat<axis = 0>(bu, qu, rest)
+        y = Reshape(x, shape)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Reshape"]
+    target = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                             if t.name == result.model.graph.node[0].input[1]))
+    assert target.tolist() == [0, 0, 2, 4]
+    for shape in ((1, 3, 8), (4, 7, 8)):
+        assert_same_outputs(model, result.model, {"x": np.random.rand(*shape).astype(np.float32)})
+
+
+def test_static_dim_gathered_from_a_dynamic_shape_is_folded():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 8] x) => (float[B, 8] y) {
+        s = Shape(x)
+        i = Constant<value = int64 {1}>()
+        d = Gather(s, i)
+        f = Cast<to = 1>(d)
+        y = Div(x, f)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Div"]
+    assert_same_outputs(model, result.model, {"x": np.random.rand(3, 8).astype(np.float32)})
+
+
+def test_unsqueeze_chains_and_same_type_casts_collapse():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N] x) => (int64[1, N, 1, 1] y) {
+        a0 = Constant<value = int64[1] {0}>()
+        a1 = Constant<value = int64[1] {2}>()
+        a2 = Constant<value = int64[1] {-1}>()
+        u = Unsqueeze(x, a0)
+        v = Unsqueeze(u, a1)
+        w = Unsqueeze(v, a2)
+        y = Cast<to = 7>(w)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert op_types(result.model) == ["Unsqueeze"]
+    assert_same_outputs(model, result.model, {"x": np.arange(5, dtype=np.int64)})
