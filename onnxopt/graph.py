@@ -161,8 +161,21 @@ class NameGenerator:
 _SKELETON_BYTES = 4096
 
 
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its large initializers turned into typed graph inputs (cheap to serialize)."""
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims (reading `raw_data` would copy it)."""
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 0
+
+
+def is_large(tensor: onnx.TensorProto) -> bool:
+    return tensor_nbytes(tensor) > _SKELETON_BYTES
+
+
+def skeleton(model: onnx.ModelProto, typed_inputs: bool = True) -> onnx.ModelProto:
+    """The model with its large initializers turned into typed graph inputs (cheap to serialize), or
+    with `typed_inputs=False` simply left out."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -175,9 +188,9 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(model.graph.value_info)
     inputs = {i.name for i in model.graph.input}
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) <= _SKELETON_BYTES:
+        if not is_large(tensor):
             graph.initializer.append(tensor)
-        elif tensor.name not in inputs:
+        elif typed_inputs and tensor.name not in inputs:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return light
 

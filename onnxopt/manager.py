@@ -1,6 +1,7 @@
 """The PassManager: runs a pipeline, verifies after each pass, times it and records what changed.
 
-Consecutive cleanup passes (`fixed_point = True`) are rerun as a group until none changes anything.
+Consecutive cleanup passes (`fixed_point = True`, which must be idempotent) are rerun as a group until
+none changes anything.
 Each pass works on a copy, so when one breaks the model the manager stops with that pass's name and
 the last good model is still at hand.
 """
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxoptError, PassFailedError
-from .model_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from .graph import skeleton
 from .pass_api import Pass, PassContext, PassResult
 from .stats import ModelStats, model_stats
 from .validation import Agreement, compare_outputs, reference_scale
@@ -104,11 +105,11 @@ class Verifier:
         return None, worst
 
 
+# Both checks run on the model's skeleton (large initializers as typed inputs): the checker and shape
+# inference serialize what they are given, and the weights' bytes tell them nothing about structure.
 def _check_model(model: onnx.ModelProto) -> str | None:
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        return None  # the checker serializes the model, impossible past 2 GB; shape inference still runs
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(skeleton(model))
     except Exception as exc:
         return str(exc).strip().splitlines()[0][:300]
     return None
@@ -116,7 +117,7 @@ def _check_model(model: onnx.ModelProto) -> str | None:
 
 def _infer_shapes(model: onnx.ModelProto) -> str | None:
     try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(skeleton(model), check_type=True, strict_mode=True)
     except Exception as exc:
         return str(exc).strip().splitlines()[0][:300]
     return None
@@ -155,13 +156,17 @@ class PassManager:
         verifier = Verifier(model, self.verify_mode, self.ctx, self.rtol, self.atol)
         self.notes.extend(verifier.notes)
         for group in self.groups():
-            iterations = self.max_iterations if group[0].fixed_point else 1
-            for iteration in range(1, iterations + 1):
-                changed = False
-                for p in group:
-                    model, record = self._run_one(p, model, verifier, iteration)
-                    changed |= record.changed
-                if not changed:
+            if not group[0].fixed_point:
+                model, _ = self._run_one(group[0], model, verifier, 1)
+                continue
+            # Cleanup passes are idempotent, so the group is at a fixed point once every other pass
+            # has run without change since the last change.
+            unchanged_in_a_row = 0
+            for step in range(self.max_iterations * len(group)):
+                p = group[step % len(group)]
+                model, record = self._run_one(p, model, verifier, step // len(group) + 1)
+                unchanged_in_a_row = 0 if record.changed else unchanged_in_a_row + 1
+                if unchanged_in_a_row >= len(group) - 1 and step >= len(group) - 1:
                     break
         return model
 

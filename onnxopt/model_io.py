@@ -91,17 +91,9 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held by initializers and Constant nodes (what decides external data)."""
     from onnx.external_data_helper import _get_all_tensors
 
-    total = 0
-    for t in _get_all_tensors(model):
-        total += len(t.raw_data) or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * _numel(t)
-    return total
+    from .graph import tensor_nbytes
 
-
-def _numel(tensor: onnx.TensorProto) -> int:
-    n = 1
-    for d in tensor.dims:
-        n *= d
-    return n
+    return sum(tensor_nbytes(t) for t in _get_all_tensors(model))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
@@ -184,10 +176,13 @@ def check_writable(path: Path) -> None:
 
 
 def file_size(model: onnx.ModelProto) -> int:
-    """Bytes the model takes on disk (serialized proto plus its tensor data)."""
-    if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        return tensor_bytes(model) + sum(n.ByteSize() for n in model.graph.node)
-    return model.ByteSize()
+    """Bytes the model takes on disk (serialized proto plus its tensor data), to within a few bytes per
+    large tensor: the model without its large initializers plus each of those, which is much cheaper
+    than sizing the whole message."""
+    from .graph import skeleton, is_large
+
+    large = [t for t in model.graph.initializer if is_large(t)]
+    return skeleton(model, typed_inputs=False).ByteSize() + sum(t.ByteSize() + 6 for t in large)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -65,7 +65,26 @@ def test_cleanup_passes_run_to_fixed_point():
     model = manager.run(parse(MODEL))
     assert [n.op_type for n in model.graph.node] == ["Add"]
     runs = [(r.name, r.iteration, r.changed) for r in manager.records]
-    assert runs[-2:] == [("fold", 2, False), ("fuse", 2, False)]
+    # fold changed the model, fuse then found nothing: the group is at its fixed point (passes are idempotent)
+    assert runs == [("fold", 1, True), ("fuse", 1, False)]
+
+
+def test_fixed_point_reruns_until_the_others_are_quiet():
+    class Countdown(Pass):
+        """Changes the model on its first two runs only."""
+
+        name = "countdown"
+        fixed_point = True
+        runs = 0
+
+        def run(self, model, ctx):
+            Countdown.runs += 1
+            return PassResult(model, changed=Countdown.runs <= 2)
+
+    manager = PassManager([Countdown()] + build_pipeline("fold"))
+    manager.run(parse(MODEL))
+    runs = [(r.name, r.changed) for r in manager.records]
+    assert runs == [("countdown", True), ("fold", True), ("countdown", True), ("fold", False)]
 
 
 @dataclasses.dataclass(frozen=True)
