@@ -39,6 +39,8 @@ class QuantOptions:
     percentile: float = option(99.99, "percentile kept by method=percentile")
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     symmetric_activations: bool = option(False, "int8 symmetric activations (TensorRT) instead of uint8 asymmetric")
+    profile: Literal["cpu", "tensorrt"] = option("cpu", "target: tensorrt implies int8 symmetric activations and no "
+                                                       "CPU speed guard (TensorRT picks its own kernels)")
     smooth: float = option(0.8, "SmoothQuant alpha for activations feeding MatMul weights (0: off)")
     smooth_min_ratio: float = option(1.0, "smooth only activations whose largest channel max exceeds the median "
                                           "channel max this many times (outlier channels); each costs a Mul")
@@ -150,7 +152,9 @@ class Quantize(Pass):
             notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} "
                          f"(output error {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
             details["auto"] = sensitivity
-        if self.options.keep_if_slower:
+        if self.options.profile == "tensorrt":
+            notes.append("profile=tensorrt: int8 symmetric activations; speed not checked on the CPU")
+        elif self.options.keep_if_slower:
             slower, details["speed_check"] = self._speed_check(model, result.model, data, ctx.ep)
             if slower:
                 notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
@@ -162,9 +166,12 @@ class Quantize(Pass):
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
                           details=details)
 
+    @property
+    def _symmetric(self) -> bool:
+        return self.options.symmetric_activations or self.options.profile == "tensorrt"
+
     def _plan_options(self, keep_float: frozenset[str] = frozenset()) -> PlanOptions:
-        return PlanOptions(self.options.per_channel, self.options.symmetric_activations, self.options.exclude,
-                           keep_float=keep_float)
+        return PlanOptions(self.options.per_channel, self._symmetric, self.options.exclude, keep_float=keep_float)
 
     def _rewrite(self, model: onnx.ModelProto, floats: set[str], stats: dict, keep_float: frozenset[str]) -> StaticResult:
         """Plan and QDQ-rewrite a copy of `model`, leaving the nodes producing `keep_float` outputs float."""
@@ -174,7 +181,7 @@ class Quantize(Pass):
         nodes, tensors, skipped = place(model, options, floats, mask_like)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
         ranges = {t: calibration.compute_range(stats[t], self.options.method, percentile=self.options.percentile,
-                                               symmetric=self.options.symmetric_activations)
+                                               symmetric=self._symmetric)
                   for t in tensors if t in stats}
         smooth = self._smooth(model, groups, stats, ranges)
         plan = build_plan(model, nodes, tensors, ranges, options, smooth)

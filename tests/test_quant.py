@@ -254,3 +254,15 @@ def test_int4_pass_rewrites_matmul_weights_only():
     assert np.abs(ref - got).max() < 0.25 and np.mean(ref.argmax(1) == got.argmax(1)) >= 0.75
     with pytest.raises(OnnxoptError, match="block_size must be a power of two"):
         onnxopt.optimize(conv_net(), "quant:bits=4,block_size=24", compare=False)
+
+
+def test_tensorrt_profile_uses_symmetric_int8_activations(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    model, report = onnxopt.optimize(str(digits_model), "quant:profile=tensorrt",
+                                     calibration=str(digits.calibration_npz()), compare=False)
+    zero_points = {i.input[2] for i in model.graph.node if i.op_type == "QuantizeLinear"}
+    dtypes = {t.data_type for t in model.graph.initializer if t.name in zero_points}
+    assert dtypes == {onnx.TensorProto.INT8}
+    assert any("profile=tensorrt" in n for n in report.passes[0]["notes"])

@@ -1,0 +1,98 @@
+"""One quantization in a fresh process, so wall time and peak RSS are the tool's own.
+
+usage: _quant_child.py TOOL FP32_PATH CALIB_NPZ OUT_PATH BATCH   -> prints one JSON line
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def batches(calib: str, batch: int) -> list[dict]:
+    with np.load(calib) as data:
+        arrays = {k: data[k] for k in data.files}
+    n = len(next(iter(arrays.values())))
+    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+
+
+def ort_static(src: str, out: str, calib: str, batch: int, method: str, op_types=None) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(batches(calib, batch))
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = str(Path(out).with_suffix(".pre.onnx"))
+    try:
+        quant_pre_process(src, pre)
+    except Exception:
+        try:
+            quant_pre_process(src, pre, auto_merge=True)
+        except Exception:
+            pre = src  # quantize without pre-processing (said in the table legend)
+    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types)
+
+
+def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> None:
+    import onnx
+
+    if tool.startswith("ort-dynamic"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, out, per_channel=tool.endswith("-pc"), weight_type=QuantType.QInt8)
+    elif tool.startswith("ort-static-"):
+        kind = tool.removeprefix("ort-static-")
+        method = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "matmul": "MinMax"}[kind]
+        ort_static(src, out, calib, batch, method, ["MatMul"] if kind == "matmul" else None)
+    elif tool.startswith("onnxsim-"):
+        import onnxsim
+
+        if tool == "onnxsim-dynamic":
+            model = onnxsim.quantize_dynamic(src)
+        else:
+            model = onnxsim.quantize_static(src, calibration_data=batches(calib, batch),
+                                            method=tool.removeprefix("onnxsim-static-"))
+        onnx.save(model, out)
+    elif tool.startswith("onnxopt"):
+        import onnxopt
+
+        spec = {"onnxopt": "fold,fuse,quant", "onnxopt-dynamic": "fold,fuse,quant:mode=dynamic"}[tool]
+        onnxopt.optimize(src, spec, output=out, calibration=calib if tool == "onnxopt" else None,
+                         compare=False, verify="none")
+    else:
+        raise ValueError(f"unknown tool {tool}")
+
+
+def main() -> None:
+    tool, src, calib, out, batch = sys.argv[1:6]
+    os.environ["ONNXOPT_CACHE"] = tempfile.mkdtemp()  # a cold calibration every time
+    start = time.perf_counter()
+    try:
+        quantize(tool, src, calib, out, int(batch))
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "error": error}))
+
+
+if __name__ == "__main__":
+    main()

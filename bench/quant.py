@@ -1,0 +1,230 @@
+"""Benchmark: int8 quantizers side by side — ONNX Runtime's, onnxsim 0.8.1's and onnxopt's — in one run.
+
+    .venv/bin/python bench/quant.py                       # minilm, digits, resnet (~15 min on 2 cores)
+    .venv/bin/python bench/quant.py --models minilm --quick --json out.json
+
+Every tool gets the same fp32 model and the same calibration samples (MiniLM: 160 real sentences
+padded to 128 tokens; digits: 200 training images; ResNet-18-like net with random weights: 32
+random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
+time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
+cache. Then, in this process, all candidates and fp32 are timed alternately (round robin) with ORT
+on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32 median / candidate median
+(> 1 is faster). Accuracy: MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and
+nearest-neighbour agreement on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement
+with fp32 on 64 other random-normal images. ORT's static quantizer runs after quant_pre_process when
+that succeeds (it fails on the MiniLM export and is then skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PEERS = ["ort-dynamic", "ort-dynamic-pc", "ort-static-minmax", "ort-static-percentile", "ort-static-entropy",
+         "onnxsim-static-minmax", "onnxsim-static-percentile", "onnxsim-static-entropy", "onnxsim-dynamic"]
+OURS = ["onnxopt", "onnxopt-dynamic"]
+ort.set_default_logger_severity(3)
+
+
+def case(name: str) -> dict:
+    """fp32 path, calibration npz, evaluation inputs and the accuracy function of a model."""
+    if name == "minilm":
+        from models import minilm
+
+        feeds = minilm.evaluation_feeds(300)
+        return {"path": minilm.build(), "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 8),
+                "extra": ["ort-static-matmul"], "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
+    if name == "digits":
+        from models import digits
+
+        images, labels = digits.heldout()
+        return {"path": digits.build(), "calib": digits.calibration_npz(), "eval": {"image": images},
+                "rounds": (300, 200), "extra": [], "accuracy": lambda outs: _top1(outs, labels)}
+    if name == "resnet":
+        from models import resnet
+
+        return {"path": resnet.build(), "calib": resnet.calibration_npz(), "eval": {"image": resnet.images(64, 1)},
+                "rounds": (10, 5), "extra": [], "accuracy": _agreement}
+    raise SystemExit(f"unknown model {name}")
+
+
+def _embedding_accuracy(outputs: dict, feeds) -> dict:
+    from models import minilm
+
+    emb = {k: minilm.embed(v, feeds["attention_mask"]) for k, v in outputs.items()}
+    ref = emb["fp32"] @ emb["fp32"].T
+    np.fill_diagonal(ref, -np.inf)
+    result = {}
+    for k, e in emb.items():
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        result[k] = {"cosine": float(np.mean(np.sum(e * emb["fp32"], axis=1))),
+                     "nn_agreement": float(np.mean(sim.argmax(1) == ref.argmax(1)))}
+    return result
+
+
+def _top1(outputs: dict, labels) -> dict:
+    return {k: {"top1": float(np.mean(v.argmax(1) == labels))} for k, v in outputs.items()}
+
+
+def _agreement(outputs: dict) -> dict:
+    return {k: {"top1_agreement": float(np.mean(v.argmax(1) == outputs["fp32"].argmax(1)))} for k, v in outputs.items()}
+
+
+def quantize_all(name: str, spec: dict, tools: list[str], workdir: Path) -> dict:
+    results = {}
+    for tool in tqdm(tools, desc=f"{name}: quantize", unit="tool"):
+        out = workdir / f"{name}.{tool}.onnx"
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/_quant_child.py"), tool, str(spec["path"]),
+                               str(spec["calib"]), str(out), "8"], capture_output=True, text=True, timeout=1800)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        info = json.loads(lines[-1]) if lines else {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
+        if not info.get("error") and not out.exists():
+            info["error"] = "no output written"
+        info["path"] = str(out)
+        if not info.get("error"):
+            info["size_mb"] = sum(p.stat().st_size for p in workdir.glob(f"{name}.{tool}.onnx*")) / 2**20
+        results[tool] = info
+    return results
+
+
+def session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int]) -> dict:
+    """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds."""
+    timings: dict[str, dict[str, float]] = {k: {} for k in paths}
+    for threads in (1, 2):
+        sessions = {k: session(p, threads) for k, p in paths.items()}
+        for batch, n_rounds in zip((1, 8), rounds):
+            sliced = {k: v[:batch] for k, v in feeds.items()}
+            for s in sessions.values():
+                s.run(None, sliced)
+            samples = {k: [] for k in sessions}
+            for _ in tqdm(range(n_rounds), desc=f"timing b{batch} {threads}t", unit="round", leave=False):
+                for k, s in sessions.items():
+                    start = time.perf_counter()
+                    s.run(None, sliced)
+                    samples[k].append((time.perf_counter() - start) * 1e3)
+            for k, v in samples.items():
+                timings[k][f"b{batch}_{threads}t"] = float(np.median(v))
+        del sessions
+    return timings
+
+
+def evaluate(paths: dict[str, str], feeds: dict, accuracy) -> dict:
+    outputs = {}
+    for k, path in tqdm(paths.items(), desc="accuracy", unit="model", leave=False):
+        s = session(path, 2)
+        n = len(next(iter(feeds.values())))
+        outputs[k] = np.concatenate([s.run(None, {n_: v[i:i + 50] for n_, v in feeds.items()})[0]
+                                     for i in range(0, n, 50)])
+    return accuracy(outputs)
+
+
+def run_model(name: str, quick: bool, workdir: Path) -> dict:
+    spec = case(name)
+    tools = PEERS + spec["extra"] + OURS
+    if quick:
+        tools = ["ort-dynamic-pc", "ort-static-minmax", "onnxsim-static-percentile", "onnxsim-dynamic"] + OURS
+    quantized = quantize_all(name, spec, tools, workdir)
+    paths = {"fp32": str(spec["path"])} | {k: v["path"] for k, v in quantized.items() if not v.get("error")}
+    rounds = tuple(max(3, r // 3) for r in spec["rounds"]) if quick else spec["rounds"]
+    timings = measure(paths, spec["eval"], rounds)
+    accuracy = evaluate(paths, spec["eval"], spec["accuracy"])
+    rows = {"fp32": {"timing": timings["fp32"], "accuracy": accuracy["fp32"]}}
+    for tool, info in quantized.items():
+        rows[tool] = {**info, "timing": timings.get(tool), "accuracy": accuracy.get(tool)}
+    return rows
+
+
+def print_table(name: str, rows: dict) -> None:
+    base = rows["fp32"]["timing"]
+    keys = ["b1_1t", "b8_1t", "b1_2t", "b8_2t"]
+    metrics = list(rows["fp32"]["accuracy"])
+    header = ["candidate", "quant s", "peak MB", "size MB"] + [k.replace("_", " ") for k in keys] + metrics
+    lines = []
+    for tool, row in rows.items():
+        if row.get("error"):
+            lines.append([tool, f"failed: {row['error']}"] + [""] * (len(header) - 2))
+            continue
+        cells = [tool, f"{row['seconds']:.1f}" if "seconds" in row else "-",
+                 f"{row['peak_mb']:.0f}" if "peak_mb" in row else "-",
+                 f"{row['size_mb']:.1f}" if "size_mb" in row else "-"]
+        cells += [f"{base[k] / row['timing'][k]:.2f}x" for k in keys]
+        cells += [f"{row['accuracy'][m]:.4f}" for m in metrics]
+        lines.append(cells)
+    widths = [max(len(str(r[i])) for r in lines + [header]) for i in range(len(header))]
+    print(f"\n{name}: fp32 " + ", ".join(f"{k} {base[k]:.2f} ms" for k in keys))
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in lines:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def targets(results: dict) -> list[str]:
+    out = []
+
+    def check(label, ok, value):
+        out.append(f"{'PASS' if ok else 'FAIL'}  {label}: {value}")
+
+    if "minilm" in results and not results["minilm"]["onnxopt"].get("error"):
+        r, base = results["minilm"]["onnxopt"], results["minilm"]["fp32"]["timing"]
+        speed = {k: base[k] / r["timing"][k] for k in base}
+        check("MiniLM >= 2.5x at b8, 1 thread", speed["b8_1t"] >= 2.5, f"{speed['b8_1t']:.2f}x")
+        check("MiniLM >= 2.3x at b1, 1 thread", speed["b1_1t"] >= 2.3, f"{speed['b1_1t']:.2f}x")
+        check("MiniLM mean cosine >= 0.995", r["accuracy"]["cosine"] >= 0.995, f"{r['accuracy']['cosine']:.4f}")
+        check("MiniLM NN agreement >= 0.95", r["accuracy"]["nn_agreement"] >= 0.95, f"{r['accuracy']['nn_agreement']:.3f}")
+        check("MiniLM quantization <= 6 s and <= 800 MB (whole process, incl. speed guard and report)",
+              r["seconds"] <= 6 and r["peak_mb"] <= 800, f"{r['seconds']:.1f} s, {r['peak_mb']:.0f} MB")
+    if "digits" in results and not results["digits"]["onnxopt"].get("error"):
+        r, fp = results["digits"]["onnxopt"], results["digits"]["fp32"]
+        drop = (fp["accuracy"]["top1"] - r["accuracy"]["top1"]) * 100
+        check("digits top-1 within 0.5 points", drop <= 0.5, f"{drop:+.2f} points")
+        slowest = min(fp["timing"][k] / r["timing"][k] for k in fp["timing"])
+        check("digits never slower than fp32 (b1/b8 x 1/2 threads)", slowest >= 0.97,
+              f"slowest {slowest:.2f}x (same-model noise is about +-3%)")
+    if "resnet" in results and not results["resnet"]["onnxopt"].get("error"):
+        r, base = results["resnet"]["onnxopt"], results["resnet"]["fp32"]["timing"]
+        check("ResNet >= 3.4x at b8, 1 thread", base["b8_1t"] / r["timing"]["b8_1t"] >= 3.4,
+              f"{base['b8_1t'] / r['timing']['b8_1t']:.2f}x")
+        check("ResNet top-1 agreement >= 97%", r["accuracy"]["top1_agreement"] >= 0.97,
+              f"{r['accuracy']['top1_agreement'] * 100:.1f}%")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,digits,resnet")
+    parser.add_argument("--quick", action="store_true", help="fewer peers and timing rounds")
+    parser.add_argument("--json", help="write all results here")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            results[name] = run_model(name, args.quick, Path(tmp))
+            print_table(name, results[name])
+    print("\ntargets (onnxopt, static):")
+    for line in targets(results):
+        print("  " + line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
