@@ -220,3 +220,17 @@ def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
         return {}
     graph = inferred.graph
     return {vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+
+
+def add_initializer(graph: onnx.GraphProto, value: np.ndarray, name: str) -> None:
+    """Appends `value` as an initializer, building it in place: appending a finished TensorProto
+    copies it, which for folded weights of hundreds of MB is most of the cost."""
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub" or value.dtype.byteorder == ">" or value.dtype == np.float16:
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()

@@ -179,10 +179,12 @@ def file_size(model: onnx.ModelProto) -> int:
     """Bytes the model takes on disk (serialized proto plus its tensor data), to within a few bytes per
     large tensor: the model without its large initializers plus each of those, which is much cheaper
     than sizing the whole message."""
-    from .graph import skeleton, is_large
+    from .graph import is_large, skeleton, tensor_nbytes
 
     large = [t for t in model.graph.initializer if is_large(t)]
-    return skeleton(model, typed_inputs=False).ByteSize() + sum(t.ByteSize() + 6 for t in large)
+    # a large tensor's bytes: its data, name and dims plus a few tag/length bytes (sizing it would copy it)
+    return skeleton(model, typed_inputs=False).ByteSize() + sum(
+        tensor_nbytes(t) + len(t.name) + 10 * len(t.dims) + 16 for t in large)
 
 
 def _first_line(exc: BaseException) -> str:

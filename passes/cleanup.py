@@ -6,6 +6,7 @@ a subgraph (If/Loop/Scan body) reads from the outer scope are never renamed: the
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import networkx as nx
 import numpy as np
@@ -113,8 +114,12 @@ def eliminate_duplicates(graph: onnx.GraphProto) -> int:
     pinned = outer_scope_names(graph) | view.graph_inputs | view.graph_outputs
     mapping: dict[str, str] = {}
     seen_tensors: dict[tuple, str] = {}
+    # Only tensors sharing a type and shape with another can be equal: hash just those (reading a
+    # tensor's bytes copies them).
+    by_shape = Counter((t.data_type, tuple(t.dims)) for t in graph.initializer)
     for tensor in graph.initializer:
-        if tensor.name in pinned or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if (tensor.name in pinned or tensor.data_location == onnx.TensorProto.EXTERNAL
+                or by_shape[(tensor.data_type, tuple(tensor.dims))] < 2):
             continue
         payload = tensor.raw_data or _without_name(tensor)
         key = (tensor.data_type, tuple(tensor.dims), hashlib.sha1(payload).hexdigest())

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
-from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_dims, infer_value_info
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, add_initializer, has_subgraph, infer_dims, infer_value_info
 
 from . import cleanup
 
@@ -244,9 +244,10 @@ def fold_constant_nodes(model: onnx.ModelProto, max_mb: float) -> tuple[int, lis
     keep = {id(n) for n in foldable} - {id(n) for n in removable}
     if keep:
         removable = _without_sources_of(removable, [n for n in foldable if id(n) in keep])
+    removed_ids = {id(n) for n in removable}
     for name in needed:
-        if name in values and any(id(view.producer[name]) == id(n) for n in removable):
-            graph.initializer.append(numpy_helper.from_array(values[name], name))
+        if name in values and id(view.producer[name]) in removed_ids:
+            add_initializer(graph, values[name], name)
     cleanup._remove_nodes(graph, removable)
     return len(removable), reasons
 
