@@ -232,3 +232,14 @@ def _insert_axes(layout: list[str], axes: np.ndarray) -> list[str]:
     for i in range(rank):
         out.append("new" if i in positions else next(source))
     return out
+
+
+def replace_nodes(model: onnx.ModelProto, replacements: dict[int, onnx.NodeProto], domain: str | None = None) -> None:
+    """Swaps nodes (keyed by id() of the old node) in place, imports `domain` if the new nodes need it,
+    and drops the initializers nothing reads any more."""
+    rebuilt = [replacements.get(id(n), n) for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    if replacements and domain and not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    remove_unused_initializers(model.graph)

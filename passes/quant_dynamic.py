@@ -13,6 +13,8 @@ from onnx import helper, numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
 
+from .cleanup import replace_nodes
+
 from .quant_plan import weight_params
 from .quant_qdq import quantize_weight
 
@@ -48,13 +50,5 @@ def quantize_dynamic(model: onnx.ModelProto, nodes: list[onnx.NodeProto], per_ch
         ])
         replaced[id(node)] = helper.make_node("DynamicQuantizeMatMul", [node.input[0], q_name, s_name, z_name],
                                               list(node.output), name=names(node.name or "dqmm"), domain=MS_DOMAIN)
-    rebuilt = [replaced.get(id(n), n) for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(rebuilt)
-    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    replace_nodes(model, replaced, MS_DOMAIN)
     return len(replaced)

@@ -17,6 +17,8 @@ from onnx import helper, numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
 
+from .cleanup import replace_nodes
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -69,13 +71,5 @@ def quantize_int4(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block_siz
         replaced[id(node)] = helper.make_node(
             "MatMulNBits", [node.input[0], q_name, s_name], list(node.output), name=names(node.name or "matmul_nbits"),
             domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level)
-    rebuilt = [replaced.get(id(n), n) for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(rebuilt)
-    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    replace_nodes(model, replaced, MS_DOMAIN)
     return len(replaced)

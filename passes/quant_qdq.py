@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from onnxopt.graph import NameGenerator
 
+from .cleanup import remove_unused_initializers
 from .quant_plan import Plan, QuantParams
 
 
@@ -52,6 +53,14 @@ class QDQInserter:
         attrs = {"axis": axis} if axis is not None else {}
         return helper.make_node("DequantizeLinear", [source, scale, zero], [out], name=self.names(out), **attrs), out
 
+    def _feed_readers(self, readers, source: str, scale: str, zero: str, axis: int | None, base: str,
+                      before: dict[int, list[onnx.NodeProto]]) -> None:
+        """A dedicated DequantizeLinear of `source` in front of each (node, input index) reader."""
+        for node, index in readers:
+            dq, out = self._dq(source, scale, zero, axis, base)
+            before.setdefault(id(node), []).append(dq)
+            node.input[index] = out
+
     def apply(self, plan: Plan) -> dict[str, int]:
         before: dict[int, list[onnx.NodeProto]] = {}  # DQs to place before node id
         after: dict[str, list[onnx.NodeProto]] = {}   # Qs to place after the producer of a tensor
@@ -76,10 +85,7 @@ class QDQInserter:
                     helper.make_node("Mul", [tensor, inv], [smoothed], name=self.names(smoothed)))
                 q = helper.make_node("QuantizeLinear", [smoothed, scale, zero], [quantized], name=self.names(quantized))
             after.setdefault(tensor if tensor in produced else "", []).append(q)
-            for node, index in readers:
-                dq, out = self._dq(quantized, scale, zero, None, tensor)
-                before.setdefault(id(node), []).append(dq)
-                node.input[index] = out
+            self._feed_readers(readers, quantized, scale, zero, None, tensor, before)
             counts["activations quantized"] += 1
 
         for tensor, params in plan.weights.items():
@@ -89,10 +95,7 @@ class QDQInserter:
             q_name = self.names(tensor + "_quantized")
             self.new_initializers.append(numpy_helper.from_array(quantize_weight(weight, params), q_name))
             scale, zero = self._param_tensors(tensor, params)
-            for node, index in plan.consumers[tensor]:
-                dq, out = self._dq(q_name, scale, zero, params.axis, tensor)
-                before.setdefault(id(node), []).append(dq)
-                node.input[index] = out
+            self._feed_readers(plan.consumers[tensor], q_name, scale, zero, params.axis, tensor, before)
             counts["weights quantized"] += 1
 
         for tensor, (activation, weight_name) in plan.biases.items():
@@ -107,10 +110,7 @@ class QDQInserter:
             self.new_initializers.append(numpy_helper.from_array(q_bias, q_name))
             params = QuantParams(scale.astype(np.float32), np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
             scale_name, zero_name = self._param_tensors(tensor, params)
-            for node, index in plan.consumers[tensor]:
-                dq, out = self._dq(q_name, scale_name, zero_name, params.axis, tensor)
-                before.setdefault(id(node), []).append(dq)
-                node.input[index] = out
+            self._feed_readers(plan.consumers[tensor], q_name, scale_name, zero_name, params.axis, tensor, before)
             counts["biases quantized"] += 1
 
         self._rebuild(before, after)
@@ -127,7 +127,4 @@ class QDQInserter:
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         self.graph.initializer.extend(self.new_initializers)
-        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
-        kept = [t for t in self.graph.initializer if t.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept)
+        remove_unused_initializers(self.graph)
