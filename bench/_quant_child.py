@@ -64,20 +64,33 @@ def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> None:
     elif tool.startswith("onnxsim-"):
         import onnxsim
 
+        # onnxsim's quantizers find nothing to quantize in a raw export (weights behind Constant/Shape
+        # arithmetic); after onnxsim.simplify they work, which is how its users run them.
+        simplified, _ = onnxsim.simplify(onnx.load(src))
         if tool == "onnxsim-dynamic":
-            model = onnxsim.quantize_dynamic(src)
+            model = onnxsim.quantize_dynamic(simplified)
         else:
-            model = onnxsim.quantize_static(src, calibration_data=batches(calib, batch),
+            model = onnxsim.quantize_static(simplified, calibration_data=batches(calib, batch),
                                             method=tool.removeprefix("onnxsim-static-"))
         onnx.save(model, out)
     elif tool.startswith("onnxopt"):
         import onnxopt
 
-        spec = {"onnxopt": "fold,fuse,quant", "onnxopt-dynamic": "fold,fuse,quant:mode=dynamic"}[tool]
+        samples = len(np.load(calib)[np.load(calib).files[0]])
+        spec = {"onnxopt": f"fold,fuse,quant:samples={samples}", "onnxopt-dynamic": "fold,fuse,quant:mode=dynamic"}[tool]
         onnxopt.optimize(src, spec, output=out, calibration=calib if tool == "onnxopt" else None,
                          compare=False, verify="none")
     else:
         raise ValueError(f"unknown tool {tool}")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not RUSAGE_SELF's maxrss: on Linux it keeps the forking parent's peak
+    across exec; /proc's VmHWM starts afresh with the new program."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -90,7 +103,7 @@ def main() -> None:
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "error": error}))
 
 

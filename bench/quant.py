@@ -12,7 +12,9 @@ on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32 medi
 (> 1 is faster). Accuracy: MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and
 nearest-neighbour agreement on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement
 with fp32 on 64 other random-normal images. ORT's static quantizer runs after quant_pre_process when
-that succeeds (it fails on the MiniLM export and is then skipped).
+that succeeds (retried with auto_merge; skipped if both fail). onnxsim's quantizers run after
+onnxsim.simplify (on a raw export they quantize nothing). onnxopt runs fold,fuse,quant with its
+defaults, speed guard and SQNR report included in its time.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def case(name: str) -> dict:
         from models import minilm
 
         feeds = minilm.evaluation_feeds(300)
-        return {"path": minilm.build(), "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 8),
+        return {"path": minilm.build(), "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul"], "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
     if name == "digits":
         from models import digits
