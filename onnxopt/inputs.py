@@ -40,38 +40,41 @@ def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 
 def input_shape(vi: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    dims = vi.type.tensor_type.shape.dim
+    declared = vi.type.tensor_type.shape.dim
     if vi.name in shapes:
         shape = shapes[vi.name]
-        if vi.type.tensor_type.HasField("shape") and len(shape) != len(dims):
-            raise OnnxoptError(f"--shape {vi.name} has {len(shape)} dims, the input has rank {len(dims)}")
-        fixed = [(i, d.dim_value) for i, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value > 0]
+        if vi.type.tensor_type.HasField("shape") and len(shape) != len(declared):
+            raise OnnxoptError(f"--shape {vi.name} has {len(shape)} dims, the input has rank {len(declared)}")
+        fixed = [(i, d.dim_value) for i, d in enumerate(declared) if d.HasField("dim_value") and d.dim_value > 0]
         for i, want in fixed:
             if shape[i] != want:
                 raise OnnxoptError(f"--shape {vi.name}: dim {i} is fixed to {want} in the model, not {shape[i]}")
         return shape
     dims = []
-    for d in vi.type.tensor_type.shape.dim:
+    for d in declared:
         if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(d.dim_value)
+        elif d.dim_param and len(shapes.get(d.dim_param, ())) == 1:
+            dims.append(shapes[d.dim_param][0])  # a dynamic dim given by name: --shape batch=1
         else:
             label = d.dim_param or "?"
-            raise OnnxoptError(
-                f"input '{vi.name}' has a dynamic dimension '{label}'",
-                f"give its shape with --shape {vi.name}=" + "x".join(
-                    str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
-                    for x in vi.type.tensor_type.shape.dim),
-            )
+            example = "x".join(str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
+                               for x in declared)
+            by_name = f", or name the dim: --shape {d.dim_param}=N" if d.dim_param else ""
+            raise OnnxoptError(f"input '{vi.name}' has a dynamic dimension '{label}'",
+                               f"give its shape with --shape {vi.name}={example}{by_name}")
     return tuple(dims)
 
 
 def generate_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
                     seed: int = 0) -> dict[str, np.ndarray]:
     shapes = shapes or {}
-    unknown = set(shapes) - {i.name for i in real_inputs(model)}
+    dim_names = {d.dim_param for i in real_inputs(model) for d in i.type.tensor_type.shape.dim if d.dim_param}
+    unknown = set(shapes) - {i.name for i in real_inputs(model)} - dim_names
     if unknown:
         raise OnnxoptError(f"--shape names unknown input(s) {', '.join(sorted(unknown))}",
-                           f"inputs are {', '.join(i.name for i in real_inputs(model))}")
+                           f"inputs are {', '.join(i.name for i in real_inputs(model))}"
+                           + (f"; dynamic dims are {', '.join(sorted(dim_names))}" if dim_names else ""))
     rng = np.random.default_rng(seed)
     feeds = {}
     for vi in real_inputs(model):

@@ -64,6 +64,13 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _speed(original_ms: float, optimized_ms: float) -> str:
+    if not optimized_ms or not original_ms:
+        return ""
+    ratio = original_ms / optimized_ms
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def _change(a: float, b: float) -> str:
     return f"{(b - a) / a * 100:+.1f}%" if a else ""
 
@@ -88,7 +95,7 @@ def render(report: Report, show_ops: bool = False) -> str:
     if report.latency:
         lo, ln = report.latency["original"], report.latency["optimized"]
         rows.append([f"latency median ({report.ep})", f"{lo.median_ms:.3f} ms", f"{ln.median_ms:.3f} ms",
-                     f"{lo.median_ms / ln.median_ms:.2f}x faster" if ln.median_ms else ""])
+                     _speed(lo.median_ms, ln.median_ms)])
         rows.append(["latency p90", f"{lo.p90_ms:.3f} ms", f"{ln.p90_ms:.3f} ms", ""])
     if report.agreement is not None:
         a = report.agreement

@@ -149,3 +149,19 @@ def test_pass_objects_can_be_mixed_with_specs():
     model, report = onnxopt.optimize(parse(MODEL), ["fold", BreakModel(BreakOptions("numeric"))],
                                      verify="none", compare=False)
     assert [n.op_type for n in model.graph.node] == ["Sub"]
+
+
+def test_dynamic_dims_can_be_given_by_name():
+    from onnxopt.inputs import generate_inputs
+
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (int64[batch, seq] ids, int64[batch, seq] mask) => (int64[batch, seq] y) { y = Add(ids, mask) }
+    """)
+    feeds = generate_inputs(model, {"batch": (2,), "seq": (5,)})
+    assert feeds["ids"].shape == feeds["mask"].shape == (2, 5)
+    assert (feeds["mask"] == 1).all()
+    with pytest.raises(OnnxoptError, match="or name the dim: --shape seq=N"):
+        generate_inputs(model, {"batch": (2,)})
+    with pytest.raises(OnnxoptError, match="dynamic dims are batch, seq"):
+        generate_inputs(model, {"nope": (2,)})
