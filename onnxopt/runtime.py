@@ -5,7 +5,9 @@ ORT quietly runs on another provider when the one asked for fails to load; `make
 """
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -111,3 +113,22 @@ def describe_ort_error(exc: BaseException) -> str:
 
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
+
+
+@functools.lru_cache(maxsize=1)
+def int8_products_saturate() -> bool:
+    """Whether ORT's uint8 x int8 GEMMs can saturate on this CPU.
+
+    x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 by s8 with `vpmaddubsw`, which adds each pair
+    of products into a saturating int16: 2 x 255 x 127 overflows it, so large activations meeting
+    large weights come out wrong. VNNI (`avx512_vnni`, `avx_vnni`) accumulates in int32, and ARM's
+    kernels do not pair-saturate. 7-bit weights (|q| <= 63) keep every pair inside int16.
+    Where the flags cannot be read on x86, assume the worst.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))

@@ -41,6 +41,9 @@ class QuantOptions:
     symmetric_activations: bool = option(False, "int8 symmetric activations (TensorRT) instead of uint8 asymmetric")
     profile: Literal["cpu", "tensorrt"] = option("cpu", "target: tensorrt implies int8 symmetric activations and no "
                                                        "CPU speed guard (TensorRT picks its own kernels)")
+    reduce_range: Literal["auto", "on", "off"] = option(
+        "auto", "7-bit weights, so ORT's u8 x s8 kernels cannot saturate on x86 CPUs without VNNI (AVX2, "
+                "AVX-512F); auto: on when this CPU lacks VNNI and the target is the CPU")
     smooth: float = option(0.8, "SmoothQuant alpha for activations feeding MatMul weights (0: off)")
     smooth_min_ratio: float = option(1.0, "smooth only activations whose largest channel max exceeds the median "
                                           "channel max this many times (outlier channels); each costs a Mul")
@@ -101,12 +104,24 @@ class Quantize(Pass):
         if self.options.bits == 4:
             return self._int4(model, notes)
         if self.options.mode == "dynamic":
-            return self._dynamic(model, notes)
+            return self._dynamic(model, ctx, notes)
         return self._static(model, ctx, notes)
 
-    def _dynamic(self, model: onnx.ModelProto, notes: list[str]) -> PassResult:
+    def _weight_bits(self, ep: str, notes: list[str]) -> int:
+        """7 under reduce_range, else 8; says why in the report when auto chose 7."""
+        from onnxopt.runtime import int8_products_saturate
+
+        if self.options.reduce_range == "auto":
+            reduced = ep == "cpu" and self.options.profile == "cpu" and int8_products_saturate()
+            if reduced:
+                notes.append("reduce_range: 7-bit weights, because this CPU has no VNNI and ORT's u8 x s8 kernels "
+                             "saturate there with 8-bit weights (reduce_range=off for a VNNI deployment target)")
+            return 7 if reduced else 8
+        return 7 if self.options.reduce_range == "on" else 8
+
+    def _dynamic(self, model: onnx.ModelProto, ctx: PassContext, notes: list[str]) -> PassResult:
         nodes = [n for n in dynamic_candidates(model) if not excluded(n, self.options.exclude)]
-        count = quantize_dynamic(model, nodes, self.options.per_channel)
+        count = quantize_dynamic(model, nodes, self.options.per_channel, self._weight_bits(ctx.ep, notes))
         notes.append("mode=dynamic: MatMul weights int8, activations quantized per call (no calibration)")
         return PassResult(model, changed=count > 0, counts={"MatMuls quantized (dynamic)": count}, notes=notes,
                           details={"mode": "dynamic"})
@@ -128,7 +143,8 @@ class Quantize(Pass):
                                 samples=self.options.samples)
         floats = {n for n, vi in infer_value_info(model).items()
                   if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-        nodes, tensors, _ = place(model, self._plan_options(), floats)
+        options = self._plan_options(self._weight_bits(ctx.ep, notes))
+        nodes, tensors, _ = place(model, options, floats)
         if not nodes:
             return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
@@ -138,11 +154,12 @@ class Quantize(Pass):
         calibration_seconds = time.perf_counter() - started
 
         def quantize(keep_float: frozenset[str]) -> StaticResult:
-            return self._rewrite(model, floats, stats, keep_float)
+            return self._rewrite(model, floats, stats, dataclasses.replace(options, keep_float=keep_float))
 
         result = quantize(frozenset())
-        details = {"mode": "static", "method": self.options.method, "calibration": data.description,
-                   "calibration_samples": data.num_samples, "calibration_seconds": calibration_seconds}
+        details = {"mode": "static", "method": self.options.method, "weight_bits": options.weight_bits,
+                   "calibration": data.description, "calibration_samples": data.num_samples,
+                   "calibration_seconds": calibration_seconds}
         if self.options.auto:
             from .quant_auto import keep_sensitive_float
 
@@ -170,13 +187,12 @@ class Quantize(Pass):
     def _symmetric(self) -> bool:
         return self.options.symmetric_activations or self.options.profile == "tensorrt"
 
-    def _plan_options(self, keep_float: frozenset[str] = frozenset()) -> PlanOptions:
-        return PlanOptions(self.options.per_channel, self._symmetric, self.options.exclude, keep_float=keep_float)
+    def _plan_options(self, weight_bits: int) -> PlanOptions:
+        return PlanOptions(self.options.per_channel, self._symmetric, self.options.exclude, weight_bits=weight_bits)
 
-    def _rewrite(self, model: onnx.ModelProto, floats: set[str], stats: dict, keep_float: frozenset[str]) -> StaticResult:
-        """Plan and QDQ-rewrite a copy of `model`, leaving the nodes producing `keep_float` outputs float."""
+    def _rewrite(self, model: onnx.ModelProto, floats: set[str], stats: dict, options: PlanOptions) -> StaticResult:
+        """Plan and QDQ-rewrite a copy of `model`, leaving the nodes in `options.keep_float` float."""
         model = copy_model(model)
-        options = self._plan_options(keep_float)
         mask_like = frozenset(n for n, s in stats.items() if s.is_mask_like)
         nodes, tensors, skipped = place(model, options, floats, mask_like)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}

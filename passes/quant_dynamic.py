@@ -14,7 +14,6 @@ from onnx import helper, numpy_helper
 from onnxopt.graph import GraphView, NameGenerator
 
 from .cleanup import replace_nodes
-
 from .quant_plan import weight_params
 from .quant_qdq import quantize_weight
 
@@ -33,14 +32,15 @@ def dynamic_candidates(model: onnx.ModelProto, nodes: list[onnx.NodeProto] | Non
     return out
 
 
-def quantize_dynamic(model: onnx.ModelProto, nodes: list[onnx.NodeProto], per_channel: bool = True) -> int:
+def quantize_dynamic(model: onnx.ModelProto, nodes: list[onnx.NodeProto], per_channel: bool = True,
+                     weight_bits: int = 8) -> int:
     """Rewrites `nodes` (MatMuls from `dynamic_candidates`) in place; returns how many."""
     view = GraphView(model.graph, model.ir_version)
     names = NameGenerator(model.graph)
     replaced: dict[int, onnx.NodeProto] = {}
     for node in nodes:
         weight = view.constant(node.input[1])
-        params = weight_params(weight, 1 if per_channel else None)
+        params = weight_params(weight, 1 if per_channel else None, weight_bits)
         base = node.input[1]
         q_name, s_name, z_name = names(base + "_quantized"), names(base + "_scale"), names(base + "_zero_point")
         model.graph.initializer.extend([

@@ -16,7 +16,9 @@ Softmax, Erf/GELU, Div, Pow, Sqrt...) stays float unless named in `include`.
 
 Scales: for a range [lo, hi] (always containing 0) uint8 asymmetric uses s = (hi - lo) / 255,
 zp = round(-lo / s); symmetric int8 uses s = max(|lo|, |hi|) / 127, zp = 0. Weights are symmetric
-int8, per channel by default: one scale per slice along the output-channel axis.
+int8, per channel by default: one scale per slice along the output-channel axis; with
+`weight_bits=7` (reduced range) they use [-63, 63], so that a pair of u8 x s8 products stays inside
+int16 (2 x 255 x 63 < 32767) on x86 CPUs whose int8 instructions saturate there.
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ class PlanOptions:
     exclude: str = ""
     include: tuple[str, ...] = ()
     keep_float: frozenset[str] = frozenset()  # nodes (by first output) that auto mode keeps float
+    weight_bits: int = 8  # 7: reduced range, so u8 x s8 pair sums fit int16 on CPUs without VNNI
 
 
 def excluded(node: onnx.NodeProto, pattern: str) -> bool:
@@ -277,7 +280,7 @@ def build_plan(model: onnx.ModelProto, nodes: list[onnx.NodeProto], tensors: set
             weight = view.constant(node.input[rule.weight])
             if weight is not None:
                 axis = weight_axis(node, rule, weight, options.per_channel)
-                weights[node.input[rule.weight]] = weight_params(weight, axis)
+                weights[node.input[rule.weight]] = weight_params(weight, axis, options.weight_bits)
                 consumers.setdefault(node.input[rule.weight], []).append((node, rule.weight))
                 if rule.bias is not None and rule.bias < len(node.input) and node.input[rule.bias]:
                     biases[node.input[rule.bias]] = (node.input[0], node.input[rule.weight])

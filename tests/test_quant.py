@@ -57,9 +57,17 @@ def test_exclude_by_op_type_and_regex():
     assert [n.op_type for n in nodes] == ["MatMul"]
 
 
+def safe_weight_bits() -> int:
+    """8-bit weights saturate ORT's u8 x s8 kernels on x86 CPUs without VNNI; 7 never does."""
+    from onnxopt.runtime import int8_products_saturate
+
+    return 7 if int8_products_saturate() else 8
+
+
 def test_qdq_rewrite_is_bounded_and_keeps_float_readers():
     model = conv_net()
-    nodes, tensors, _ = place(model, PlanOptions(), floats(model))
+    options = PlanOptions(weight_bits=safe_weight_bits())
+    nodes, tensors, _ = place(model, options, floats(model))
     x = np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32)
     reference = ort_run(model, {"x": x})
     # ranges from the data itself (minmax): the planner and rewrite alone, no calibration module
@@ -68,13 +76,47 @@ def test_qdq_rewrite_is_bounded_and_keeps_float_readers():
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(tensors) if t != "x")
     values = dict(zip([o.name for o in probe.graph.output], ort_run(probe, {"x": x})), x=x)
     ranges = {t: (float(values[t].min()), float(values[t].max())) for t in tensors}
-    plan = build_plan(model, nodes, tensors, ranges, PlanOptions())
+    plan = build_plan(model, nodes, tensors, ranges, options)
     counts = QDQInserter(model).apply(plan)
     onnx.checker.check_model(model)
     assert counts == {"activations quantized": 4, "weights quantized": 2, "biases quantized": 1}
     got = ort_run(model, {"x": x})[0]
     assert np.abs(got - reference[0]).max() < 0.05
     assert np.mean(got.argmax(1) == reference[0].argmax(1)) >= 0.85
+
+
+def _int8_weights(model) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return np.concatenate([numpy_helper.to_array(t).ravel() for t in model.graph.initializer
+                           if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")])
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_reduce_range_keeps_weights_within_7_bits(mode):
+    from onnxopt.passes.quant_plan import weight_params
+    from onnxopt.passes.quant_qdq import quantize_weight
+
+    weight = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
+    assert np.abs(quantize_weight(weight, weight_params(weight, 1, 7))).max() == 63
+    spec = f"quant:mode={mode},keep_if_slower=false,reduce_range="
+    full, _ = onnxopt.optimize(conv_net(), spec + "off", calibration="random", compare=False)
+    reduced, report = onnxopt.optimize(conv_net(), spec + "on", calibration="random", compare=False)
+    assert np.abs(_int8_weights(full)).max() == 127
+    assert np.abs(_int8_weights(reduced)).max() == 63
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_auto_follows_the_cpu(monkeypatch, saturates):
+    from onnxopt import runtime
+
+    monkeypatch.setattr(runtime, "int8_products_saturate", lambda: saturates)
+    model, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calibration="random", compare=False)
+    assert np.abs(_int8_weights(model)).max() == (63 if saturates else 127)
+    assert report.passes[0]["details"]["weight_bits"] == (7 if saturates else 8)
+    assert any("no VNNI" in n for n in report.passes[0]["notes"]) is saturates
+    trt, _ = onnxopt.optimize(conv_net(), "quant:profile=tensorrt", calibration="random", compare=False)
+    assert np.abs(_int8_weights(trt)).max() == 127  # GPUs do not saturate
 
 
 def test_smoothing_leaves_the_product_unchanged():
