@@ -16,6 +16,10 @@ change from batch to batch (sequence lengths). Batches larger than `batch_size` 
 first axis; a model whose first dimension is fixed to d gets batches of exactly d. `samples` caps
 the samples used. The first batch is checked when the data is opened.
 
+With `trim_padding`, sequence models with a 0/1 attention-mask input get their batches cut after
+the longest real sequence (see `calib_padding`), and samples held in arrays are batched in order of
+length so each batch is cut as short as it can be; `untrimmed()` yields the batches as given.
+
 `fingerprint()` = sha256 over the yielded batches in order, per input sorted by name:
 name, dtype, shape, then the bytes; it keys on-disk caches of what was computed from the data.
 """
@@ -37,6 +41,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from . import calib_padding
 from .errors import OnnxoptError
 from .inputs import generate_inputs, real_inputs
 
@@ -52,7 +57,8 @@ class CalibrationData:
 
     def __init__(self, model: onnx.ModelProto, batches: Callable[[], Iterable[Feeds]], *, description: str,
                  batch_size: int, samples: int | None = None, num_samples: int | None = None,
-                 uniform: bool = False, reiterable: bool = True):
+                 uniform: bool = False, reiterable: bool = True,
+                 padding: calib_padding.PaddingLayout | None = None):
         self.description = description
         self.batch_size = batch_size
         self.reiterable = reiterable
@@ -63,6 +69,8 @@ class CalibrationData:
         self._uniform = uniform  # every raw batch splits predictably: num_batches is known up front
         self._num_batches: int | None = None
         self._fingerprint: str | None = None
+        self.padding = padding
+        self.positions = [0, 0]  # sequence positions calibrated, and given, over the last trimmed pass
 
     @property
     def num_samples(self) -> int | None:
@@ -76,7 +84,16 @@ class CalibrationData:
         return self._num_batches
 
     def __iter__(self) -> Iterator[Feeds]:
+        return self._iterate(self.padding)
+
+    def untrimmed(self) -> Iterator[Feeds]:
+        """The batches with their padding, as the user gave them."""
+        return self._iterate(None)
+
+    def _iterate(self, padding: calib_padding.PaddingLayout | None) -> Iterator[Feeds]:
         seen = batches = 0
+        if padding is not None:
+            self.positions = [0, 0]
         for index, raw in enumerate(self._batches()):
             where = f"{self.description} (batch {index})"
             feeds = _as_feeds(raw, where)
@@ -85,12 +102,19 @@ class CalibrationData:
                 self._num_samples = size if self._cap is None else min(size, self._cap)
             if not size:
                 self._validate(feeds, where)  # names and types are wrong before being empty
+            order = self._by_length(feeds, size, seen, padding) if size > self.batch_size else None
             for start in range(0, size, self.batch_size):
                 take = min(self.batch_size, size - start, size if self._cap is None else self._cap - seen)
-                chunk = {k: np.ascontiguousarray(v[start:start + take]) if v.ndim else v for k, v in feeds.items()}
+                rows = slice(start, start + take) if order is None else order[start:start + take]
+                chunk = {k: np.ascontiguousarray(v[rows]) if v.ndim else v for k, v in feeds.items()}
                 self._validate(chunk, where)
                 seen += take
                 batches += 1
+                if padding is not None and padding.mask in chunk:
+                    trimmed = calib_padding.trim(chunk, padding)
+                    self.positions[0] += trimmed[padding.mask].size
+                    self.positions[1] += chunk[padding.mask].size
+                    chunk = trimmed
                 yield chunk
                 if self._cap is not None and seen >= self._cap:
                     break
@@ -99,6 +123,14 @@ class CalibrationData:
         if seen == 0:
             raise OnnxoptError(f"calibration data {self.description} holds no samples", SOURCES_HINT)
         self._num_samples, self._num_batches = seen, batches
+
+    def _by_length(self, feeds: Feeds, size: int, seen: int, padding) -> np.ndarray | None:
+        """The samples to use from this raw batch, shortest real sequence first (stable)."""
+        if padding is None or padding.mask not in feeds:
+            return None
+        usable = size if self._cap is None else max(0, min(size, self._cap - seen))
+        lengths = calib_padding.real_lengths({padding.mask: feeds[padding.mask][:usable]}, padding)
+        return None if lengths is None else np.argsort(lengths, kind="stable")
 
     def fingerprint(self) -> str:
         """sha256 of the data content (streamed, batch by batch), memoized."""
@@ -153,7 +185,7 @@ class CalibrationData:
 
 
 def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, samples: int | None = None, *,
-                     shapes: dict[str, tuple[int, ...]] | None = None) -> CalibrationData:
+                     shapes: dict[str, tuple[int, ...]] | None = None, trim_padding: bool = False) -> CalibrationData:
     """Opens calibration data from any supported source (see the module docstring) and checks its
     first batch. `shapes` gives the dynamic dimensions of random data (like `--shape`)."""
     if isinstance(source, CalibrationData):
@@ -163,7 +195,8 @@ def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, sample
     for vi in real_inputs(model):
         if not vi.type.HasField("tensor_type"):
             raise OnnxoptError(f"input '{vi.name}' is not a tensor", "calibration supports tensor inputs only")
-    options = {"batch_size": _batch_limit(model, batch_size), "samples": samples}
+    options = {"batch_size": _batch_limit(model, batch_size), "samples": samples,
+               "padding": calib_padding.padding_layout(model) if trim_padding else None}
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text == "random":
@@ -302,7 +335,8 @@ def _from_object(source, model: onnx.ModelProto, description: str, options: dict
     raise OnnxoptError(f"cannot use a {type(source).__name__} as calibration data", SOURCES_HINT)
 
 
-def _random_data(model: onnx.ModelProto, shapes: dict, *, batch_size: int, samples: int | None) -> CalibrationData:
+def _random_data(model: onnx.ModelProto, shapes: dict, *, batch_size: int, samples: int | None,
+                 padding: calib_padding.PaddingLayout | None) -> CalibrationData:
     for line in ("=" * 78,
                  "calibrating on RANDOM data: the ranges it gives, and any accuracy measured or",
                  "obtained with them, are MEANINGLESS. Pass real samples with --calib for real use.",
@@ -315,7 +349,7 @@ def _random_data(model: onnx.ModelProto, shapes: dict, *, batch_size: int, sampl
             count = min(batch_size, total - start)
             yield generate_inputs(model, _batch_shapes(model, shapes, count), seed=index)
     return CalibrationData(model, batches, description="random", batch_size=batch_size, samples=samples,
-                           num_samples=total, uniform=True)
+                           num_samples=total, uniform=True, padding=padding)
 
 
 def _batch_shapes(model: onnx.ModelProto, shapes: dict, count: int) -> dict[str, tuple[int, ...]]:

@@ -49,6 +49,8 @@ class QuantOptions:
                                           "channel max this many times (outlier channels); each costs a Mul")
     exclude: str = option("", "node names or op types to keep float, ';'-separated; regular expressions allowed")
     samples: int = option(128, "calibration samples to use at most")
+    trim_padding: bool = option(True, "sequence models with a 0/1 attention-mask input: calibrate each batch "
+                                      "cut after its longest real sequence (samples batched by length)")
     batch_size: int = option(8, "calibration batch size")
     bits: Literal[8, 4] = option(8, "weight bits; 4: int4 weight-only MatMul (blockwise, ORT MatMulNBits)")
     block_size: int = option(32, "int4: weights per scale along the reduction axis (power of two, >= 16)")
@@ -140,7 +142,7 @@ class Quantize(Pass):
         if ctx.calibration is None:
             raise OnnxoptError("quant needs calibration data", "pass --calib data.npz (or --calib random to try it out)")
         data = open_calibration(ctx.calibration, model, batch_size=self.options.batch_size,
-                                samples=self.options.samples)
+                                samples=self.options.samples, trim_padding=self.options.trim_padding)
         floats = {n for n, vi in infer_value_info(model).items()
                   if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
         options = self._plan_options(self._weight_bits(ctx.ep, notes))
@@ -152,6 +154,10 @@ class Quantize(Pass):
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache_dir, ep="cpu", progress=ctx.progress,
                                             channel_tensors=groups)
         calibration_seconds = time.perf_counter() - started
+        calibrated, given = data.positions
+        if calibrated < given:
+            notes.append(f"calibration cut trailing padding ({data.padding.mask} = 0): {calibrated:,} of {given:,} "
+                         "sequence positions run; real tokens' activations do not depend on padding after them")
 
         def quantize(keep_float: frozenset[str]) -> StaticResult:
             return self._rewrite(model, floats, stats, dataclasses.replace(options, keep_float=keep_float))
@@ -212,7 +218,7 @@ class Quantize(Pass):
         """(where int8 lost to float, '' if nowhere; every measurement for the report)."""
         from onnxopt.validation import speed_check
 
-        feeds = next(iter(data))
+        feeds = next(data.untrimmed())
         checks = speed_check(float_model, model, feeds, ep=ep, min_seconds=0.2, clear_win=1.15)
         lost = ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in checks if c.speedup < 1.0)
         return lost, [dict(dataclasses.asdict(c), speedup=c.speedup) for c in checks]

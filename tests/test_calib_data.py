@@ -184,3 +184,68 @@ def test_bad_paths_and_objects(demo, tmp_path):
                          parse("""<ir_version: 8, opset_import: ["" : 17]>
                                   g (int64[b, s] input_ids, int64[b, s] attention_mask) => (int64[b, s] y)
                                   { y = Add(input_ids, attention_mask) }"""))
+
+
+def right_padded(lengths, width=10) -> dict[str, np.ndarray]:
+    mask = (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    return {"input_ids": np.where(mask == 1, 2, 0).astype(np.int64), "attention_mask": mask}
+
+
+def test_padding_layout_finds_the_mask_and_its_sequence_axis(tokens, demo):
+    from onnxopt.calib_padding import PaddingLayout, padding_layout
+
+    assert padding_layout(tokens) == PaddingLayout("attention_mask", ("input_ids", "attention_mask"))
+    assert padding_layout(demo) is None
+    fixed = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[batch, 16] input_ids, int64[batch, 16] attention_mask) => (int64[batch, 16] y) {
+            y = Add(input_ids, attention_mask)
+        }
+    """)
+    assert padding_layout(fixed) is None  # a fixed sequence length cannot be cut
+
+
+def test_trim_cuts_trailing_padding_and_keeps_one_position(tokens):
+    from onnxopt.calib_padding import padding_layout, trim
+
+    layout = padding_layout(tokens)
+    cut = trim(right_padded([3, 5, 2]), layout)
+    assert cut["attention_mask"].shape == cut["input_ids"].shape == (3, 6)
+    assert cut["attention_mask"][:, -1].sum() == 0  # the additive mask still sees a padded position
+    assert trim(right_padded([10, 4]), layout)["input_ids"].shape == (2, 10)  # nothing to cut
+    left = {k: v[:, ::-1].copy() for k, v in right_padded([3, 5]).items()}
+    assert trim(left, layout)["input_ids"].shape == (2, 10)  # left padding: positions would shift
+    counts = right_padded([3, 5])
+    counts["attention_mask"] = counts["attention_mask"] * 2
+    assert trim(counts, layout)["input_ids"].shape == (2, 10)  # not a 0/1 mask
+
+
+def test_trimmed_calibration_batches_by_length_and_untrimmed_gives_the_data(tokens):
+    lengths = [9, 2, 7, 3, 1, 8, 4]
+    data = open_calibration(right_padded(lengths), tokens, batch_size=3, samples=6, trim_padding=True)
+    batches = list(data)
+    assert [b["attention_mask"].sum(1).tolist() for b in batches] == [[1, 2, 3], [7, 8, 9]]  # first 6, sorted
+    assert [b["input_ids"].shape[1] for b in batches] == [4, 10]
+    assert data.positions == [3 * 4 + 3 * 10, 6 * 10]
+    assert [b["input_ids"].shape for b in data.untrimmed()] == [(3, 10), (3, 10)]
+    assert [b["attention_mask"].sum(1).tolist() for b in data.untrimmed()] == [[9, 2, 7], [3, 1, 8]]
+    plain = open_calibration(right_padded(lengths), tokens, batch_size=3, samples=6)
+    assert [b["input_ids"].shape for b in plain] == [(3, 10), (3, 10)]
+
+
+@pytest.mark.slow
+def test_real_tokens_do_not_depend_on_trailing_padding(minilm_model):
+    """The premise of trim_padding, on the real MiniLM export: cut batches give the same activations."""
+    from conftest import ort_run
+    from models import minilm
+
+    from onnxopt.calib_padding import padding_layout, trim
+
+    model = onnx.load(str(minilm_model))
+    feeds = minilm.evaluation_feeds(8)
+    cut = trim(feeds, padding_layout(model))
+    width = cut["input_ids"].shape[1]
+    assert width < feeds["input_ids"].shape[1] // 2
+    full, short = ort_run(model, feeds)[0], ort_run(model, cut)[0]
+    real = cut["attention_mask"].astype(bool)
+    np.testing.assert_allclose(short[real], full[:, :width][real], rtol=1e-4, atol=1e-4)
