@@ -45,8 +45,13 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, *,
     ctx = PassContext(ep=ep, sample_inputs=[feeds] if feeds else None, calibration=calibration)
     manager = PassManager(pipeline, verify=verify, ctx=ctx)
     spec = passes if isinstance(passes, str) else ",".join(p.name for p in pipeline)
+    # Without a comparison the input is not needed after the first pass: holding it would keep a
+    # second copy of a large model alive for the whole run.
+    pending = [original]
+    if not (compare and feeds is not None):
+        del original
     try:
-        optimized = manager.run(original)
+        optimized = manager.run(pending.pop())
     except PassFailedError as exc:
         if output is not None and exc.last_good is not None:
             save_model(exc.last_good, output, external_data)

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .runtime import make_session
+from .runtime import session_with_outputs
 from .validation import run
 
 
@@ -41,16 +41,8 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
             if vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    return probe
-
-
-def _run_all(model: onnx.ModelProto, feeds, ep: str) -> dict[str, np.ndarray]:
-    session = make_session(model, ep)
+def _run_all(model: onnx.ModelProto, names: list[str], feeds, ep: str) -> dict[str, np.ndarray]:
+    session = session_with_outputs(model, names, ep)
     return dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
 
 
@@ -69,8 +61,8 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     pairs = [(t, views.get(t, t)) for t in ref_names if t in views or t in produced]
     if not pairs:
         return []
-    ref_values = _run_all(_with_outputs(reference, [p[0] for p in pairs]), feeds, ep)
-    cand_values = _run_all(_with_outputs(candidate, [p[1] for p in pairs]), feeds, ep)
+    ref_values = _run_all(reference, [p[0] for p in pairs], feeds, ep)
+    cand_values = _run_all(candidate, [p[1] for p in pairs], feeds, ep)
     errors = []
     for ref_name, cand_name in pairs:
         got = np.asarray(cand_values[cand_name], np.float64)

@@ -110,21 +110,32 @@ def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 
                 ep: str = "cpu", min_seconds: float = 0.3, clear_win: float | None = None) -> list[SpeedCheck]:
     """Times two models alternately for each thread count and batch size (sliced from `feeds`).
 
-    With `clear_win`, larger batches are not timed once every thread count at the smallest batch is
-    at least that much faster: a GEMM-bound model's gain grows with the batch.
+    With `clear_win`, larger batches are not timed at a thread count where the smallest batch is at
+    least that much faster: a GEMM-bound model's gain grows with the batch.
+    Each thread count opens one session per model (two alive at a time, so a large model's memory
+    stays bounded), from files written once: no serialized copy of either model stays in memory.
     """
+    import tempfile
+    from pathlib import Path
+
+    from .model_io import save_model
     from .runtime import make_session
 
-    checks = []
     available = min(len(v) for v in feeds.values()) if feeds else 1
-    for batch in sorted({min(b, available) for b in batches}):
-        sliced = {k: v[:batch] for k, v in feeds.items()}
-        for n_threads in threads:  # two sessions alive at a time: a large model's memory stays bounded
-            sessions = {"reference": make_session(reference, ep, threads=n_threads),
-                        "candidate": make_session(candidate, ep, threads=n_threads)}
-            latency = measure_latency(sessions, sliced, runs=5, warmup=2, min_seconds=min_seconds)
-            checks.append(SpeedCheck(n_threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms))
+    sizes = sorted({min(b, available) for b in batches})
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="onnxopt_speed_") as tmp:
+        paths = [m if isinstance(m, (str, Path)) else save_model(m, Path(tmp) / f"{label}.onnx")
+                 for label, m in (("reference", reference), ("candidate", candidate))]
+        for n_threads in threads:
+            sessions = {"reference": make_session(paths[0], ep, threads=n_threads),
+                        "candidate": make_session(paths[1], ep, threads=n_threads)}
+            for batch in sizes:
+                sliced = {k: v[:batch] for k, v in feeds.items()}
+                latency = measure_latency(sessions, sliced, runs=5, warmup=1, min_seconds=min_seconds)
+                check = SpeedCheck(n_threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms)
+                checks.append(check)
+                if clear_win and check.speedup >= clear_win:
+                    break
             del sessions
-        if clear_win and all(c.speedup >= clear_win for c in checks):
-            break
     return checks

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 from tqdm import tqdm
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.runtime import make_session
+from onnxopt.runtime import session_with_outputs
 
 DEFAULT_BINS = 2048
 MIN_RANGE, MAX_RANGE = 2.0**-40, 2.0**24
@@ -267,18 +267,13 @@ class Calibrator:
             raise OnnxoptError(f"tensor(s) {', '.join(unknown[:5])} not in the model",
                                "calibrate tensors that a node produces or a graph input")
         self._fetched = [n for n in self.names if n in produced]
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(model)
-        present = {o.name for o in augmented.graph.output}
-        # A name-only output is enough for ORT: it infers the type itself.
-        augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._fetched if n not in present)
-        self._model, self._ep = augmented, ep
+        self._model, self._ep = model, ep
 
     def collect(self, data: Iterable[dict], progress: bool = True, total: int | None = None) -> dict[str, TensorStats]:
         stats = {name: TensorStats(self.bins, track_channels=name in self.channel_tensors) for name in self.names}
         for name, tensor in self._constants.items():
             stats[name].update(numpy_helper.to_array(tensor))
-        session = make_session(self._model, self._ep) if self._fetched else None
+        session = session_with_outputs(self._model, self._fetched, self._ep) if self._fetched else None
         feed_names = {i.name for i in session.get_inputs()} if session else self._inputs
         total = total if total is not None else getattr(data, "num_batches", None)
         batches = tqdm(data, total=total, desc="calibration", unit="batch", leave=False,
