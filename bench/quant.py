@@ -89,7 +89,8 @@ def quantize_all(name: str, spec: dict, tools: list[str], workdir: Path) -> dict
     for tool in tqdm(tools, desc=f"{name}: quantize", unit="tool"):
         out = workdir / f"{name}.{tool}.onnx"
         proc = subprocess.run([sys.executable, str(ROOT / "bench/_quant_child.py"), tool, str(spec["path"]),
-                               str(spec["calib"]), str(out), "8"], capture_output=True, text=True, timeout=1800)
+                               str(spec["calib"]), str(out), "8"], capture_output=True, text=True, timeout=1800,
+                              cwd=workdir)  # ORT's quant_pre_process leaves temporary files in the working directory
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         info = json.loads(lines[-1]) if lines else {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
         if not info.get("error") and not out.exists():
