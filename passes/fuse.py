@@ -1,5 +1,5 @@
 """Operator fusion (`fuse`): BatchNormalization and per-channel affine Mul/Add into the op before them,
-MatMul+Add into Gemm.
+MatMul+Add into Gemm, a scalar Mul/Div into the weights of the linear ops before it (`fuse_scale`).
 
 Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
 s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
@@ -20,6 +20,7 @@ from onnxopt.graph import GraphView, NameGenerator, infer_value_info
 from onnxopt.rewrite import Match, Replacement, apply_rules
 
 from .cleanup import remove_unused_initializers
+from .fuse_scale import ScalarIntoLinear
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -203,10 +204,13 @@ class FuseOptions:
     conv_bn: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose")
     affine: bool = option(True, "fold per-channel constant Mul/Add into the preceding Conv or BatchNormalization")
     gemm: bool = option(True, "turn MatMul+Add with a constant 2-D weight into Gemm")
+    scalar: bool = option(True, "fold Mul/Div by a scalar constant (attention's 1/sqrt(d)) into the weights "
+                                "of the linear ops before it")
 
 
 class FuseOps(Pass):
-    """Fuse Conv/ConvTranspose+BatchNormalization, per-channel Mul/Add into Conv/BN, MatMul+Add into Gemm."""
+    """Fuse Conv/ConvTranspose+BatchNormalization, per-channel Mul/Add into Conv/BN, MatMul+Add into Gemm,
+    scalar Mul/Div into the linear ops before them."""
 
     name = "fuse"
     Options = FuseOptions
@@ -220,6 +224,8 @@ class FuseOps(Pass):
             rules += [ChannelAffine(p, op) for p in ("Conv", "BatchNormalization") for op in ("Mul", "Add")]
         if self.options.gemm:
             rules.append(MatMulAddToGemm())
+        if self.options.scalar:
+            rules += [ScalarIntoLinear("Mul"), ScalarIntoLinear("Div")]
         value_info = infer_value_info(model) if self.options.gemm or self.options.affine else None
         outcome = apply_rules(model.graph, rules, value_info)
         if outcome.counts:
