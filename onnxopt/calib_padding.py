@@ -57,14 +57,26 @@ def real_lengths(feeds: Feeds, layout: PaddingLayout) -> np.ndarray | None:
     return np.where(used.any(axis=1), mask.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
 
 
-def trim(feeds: Feeds, layout: PaddingLayout) -> Feeds:
-    """The batch cut after its longest real sequence plus one padding position."""
+def trim(feeds: Feeds, layout: PaddingLayout, spare: int = 1) -> Feeds:
+    """The batch cut after its longest real sequence plus `spare` padding positions."""
     lengths = real_lengths(feeds, layout)
     width = feeds[layout.mask].shape[1]
     if lengths is None or not lengths.size:
         return feeds
-    keep = min(width, int(lengths.max()) + 1)
+    keep = min(width, int(lengths.max()) + spare)
     if keep >= width:
         return feeds
     return {name: np.ascontiguousarray(array[:, :keep]) if name in layout.padded else array
             for name, array in feeds.items()}
+
+
+def longest_sample(feeds: Feeds, layout: PaddingLayout) -> Feeds:
+    """The batch's longest sample alone, cut to its real length: no padding position at all.
+
+    For per-tensor error reports: padding positions are not calibrated (see above) and their values
+    are not used, so errors there would drown the errors that matter."""
+    lengths = real_lengths(feeds, layout)
+    if lengths is None or not lengths.size:
+        return feeds
+    row = int(lengths.argmax())
+    return trim({name: array[row:row + 1] if array.ndim else array for name, array in feeds.items()}, layout, spare=0)

@@ -24,13 +24,30 @@ class TensorError:
     cosine: float
 
 
-def _dequantized_views(model: onnx.ModelProto) -> dict[str, str]:
-    """T -> the output of a DequantizeLinear fed by QuantizeLinear(T)."""
-    q_of = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+def _dequantized_views(model: onnx.ModelProto) -> dict[str, tuple[str, np.ndarray | None]]:
+    """T -> (the output of a DequantizeLinear fed by QuantizeLinear(T), the divisor to undo).
+
+    A smoothed activation is quantized as QuantizeLinear(Mul(T, 1/s)): its DequantizeLinear yields
+    T / s, so the comparison multiplies it back by s (divides by the Mul's constant)."""
+    from .graph import GraphView
+
+    view = GraphView(model.graph, model.ir_version)
+    q_of: dict[str, tuple[str, np.ndarray | None]] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        source, divisor = node.input[0], None
+        mul = view.producer.get(source)
+        if mul is not None and mul.op_type == "Mul" and view.single_consumer(source) is node:
+            constant = next((i for i in (1, 0) if view.constant(mul.input[i]) is not None), None)
+            if constant is not None:
+                source, divisor = mul.input[1 - constant], view.constant(mul.input[constant])
+        q_of[node.output[0]] = (source, divisor)
     views = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in q_of:
-            views.setdefault(q_of[node.input[0]], node.output[0])
+            source, divisor = q_of[node.input[0]]
+            views.setdefault(source, (node.output[0], divisor))
     return views
 
 
@@ -47,27 +64,22 @@ def _run_all(model: onnx.ModelProto, names: list[str], feeds, ep: str) -> dict[s
 
 
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                    ep: str = "cpu", only: set[str] | None = None,
-                    rescale: dict[str, np.ndarray] | None = None) -> list[TensorError]:
-    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first.
-
-    `rescale` maps a tensor to per-channel (last axis) factors its candidate value is multiplied by
-    before comparing: a smoothed activation's DequantizeLinear yields x / s, not x.
-    """
+                    ep: str = "cpu", only: set[str] | None = None) -> list[TensorError]:
+    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first."""
     views = _dequantized_views(candidate)
     produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
     ref_names = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
     ref_names = sorted((ref_names & only) if only is not None else (ref_names & _float_tensors(reference)))
-    pairs = [(t, views.get(t, t)) for t in ref_names if t in views or t in produced]
+    pairs = [(t, *views.get(t, (t, None))) for t in ref_names if t in views or t in produced]
     if not pairs:
         return []
     ref_values = _run_all(reference, [p[0] for p in pairs], feeds, ep)
     cand_values = _run_all(candidate, [p[1] for p in pairs], feeds, ep)
     errors = []
-    for ref_name, cand_name in pairs:
+    for ref_name, cand_name, divisor in pairs:
         got = np.asarray(cand_values[cand_name], np.float64)
-        if rescale and ref_name in rescale:
-            got = got * rescale[ref_name]
+        if divisor is not None:
+            got = got / divisor
         ref = np.asarray(ref_values[ref_name], np.float64).ravel()
         got = got.ravel()
         if ref.shape != got.shape or not ref.size:

@@ -76,7 +76,6 @@ class QuantOptions:
 @dataclasses.dataclass
 class StaticResult:
     model: onnx.ModelProto
-    smooth: dict[str, np.ndarray]  # activation -> per-channel factor its DequantizeLinear output is divided by
     counts: dict[str, int]
     skipped: list[str]
     activations: set[str]
@@ -209,7 +208,7 @@ class Quantize(Pass):
         plan = build_plan(model, nodes, tensors, ranges, options, smooth)
         counts = QDQInserter(model).apply(plan)
         counts["activations smoothed"] = len(smooth)
-        return StaticResult(model, smooth, {k: v for k, v in counts.items() if v}, skipped + plan.skipped,
+        return StaticResult(model, {k: v for k, v in counts.items() if v}, skipped + plan.skipped,
                             set(plan.activations), len(plan.nodes),
                             [n.output[0] for n in plan.nodes if n.op_type in COMPUTE_OPS])
 
@@ -225,10 +224,16 @@ class Quantize(Pass):
 
     @staticmethod
     def _worst_tensors(float_model, result: StaticResult, data, samples: int = 2) -> list[dict]:
-        """The 10 quantized activations with the lowest SQNR on a slice of the calibration data."""
-        first = next(iter(data))
-        feeds = {k: v[:samples] for k, v in first.items()}
-        errors = compare_tensors(float_model, result.model, feeds, only=result.activations, rescale=result.smooth)
+        """The 10 quantized activations with the lowest SQNR on a slice of the calibration data
+        (for sequence models: its longest sentence without padding, whose values nobody reads)."""
+        from onnxopt.calib_padding import longest_sample
+
+        first = next(data.untrimmed())
+        if data.padding is not None and data.padding.mask in first:
+            feeds = longest_sample(first, data.padding)
+        else:
+            feeds = {k: v[:samples] for k, v in first.items()}
+        errors = compare_tensors(float_model, result.model, feeds, only=result.activations)
         return [dataclasses.asdict(e) for e in errors[:10]]
 
     def _smooth(self, model, groups, stats, ranges) -> dict[str, np.ndarray]:

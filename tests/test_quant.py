@@ -308,3 +308,32 @@ def test_tensorrt_profile_uses_symmetric_int8_activations(digits_model, tmp_path
     dtypes = {t.data_type for t in model.graph.initializer if t.name in zero_points}
     assert dtypes == {onnx.TensorProto.INT8}
     assert any("profile=tensorrt" in n for n in report.passes[0]["notes"])
+
+
+def test_sqnr_report_undoes_smoothing():
+    """A smoothed activation is quantized as Q(Mul(x, 1/s)): the report must compare x with DQ * s."""
+    from onnxopt.tensor_compare import compare_tensors
+
+    rng = np.random.default_rng(4)
+    weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(8 * 4))
+    model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8] x) => (float[N, 4] y) <float[8, 4] w = {{{weight}}}> {{ h = Relu(x)
+        y = MatMul(h, w) }}
+    """)
+    x = (rng.standard_normal((64, 8)) * np.array([1, 1, 40, 1, 1, 1, 1, 0.1])).astype(np.float32)
+    quantized, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calibration={"x": x}, compare=False)
+    quant = report.passes[0]
+    assert quant["counts"]["activations smoothed"] == 1
+    assert "h" in {w["tensor"] for w in quant["details"]["worst_tensors"]}
+    errors = {e.tensor: e for e in compare_tensors(model, quantized, {"x": x[:8]})}
+    # the dequantized value, not the float h (inf dB), and scaled back (h / s against h: ~0 dB)
+    assert 25 < errors["h"].sqnr_db < 80 and errors["h"].cosine > 0.99
+
+
+def test_longest_sample_has_no_padding():
+    from onnxopt.calib_padding import PaddingLayout, longest_sample
+
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], np.int64)
+    sample = longest_sample({"ids": mask * 7, "attention_mask": mask}, PaddingLayout("attention_mask", ("ids", "attention_mask")))
+    assert sample["attention_mask"].tolist() == [[1, 1, 1]] and sample["ids"].tolist() == [[7, 7, 7]]
