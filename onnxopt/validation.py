@@ -107,11 +107,14 @@ class SpeedCheck:
 
 
 def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 8), threads=(1, 2),
-                ep: str = "cpu", min_seconds: float = 0.3, clear_win: float | None = None) -> list[SpeedCheck]:
+                ep: str = "cpu", min_seconds: float = 0.3, clear_win: float | None = None,
+                decisive: float | None = None) -> list[SpeedCheck]:
     """Times two models alternately for each thread count and batch size (sliced from `feeds`).
 
     With `clear_win`, larger batches are not timed at a thread count where the smallest batch is at
-    least that much faster: a GEMM-bound model's gain grows with the batch.
+    least that much faster: a GEMM-bound model's gain grows with the batch. With `decisive`, a
+    configuration is first timed over 3 rounds and measured further only when neither model is
+    that many times faster than the other.
     Each thread count opens one session per model (two alive at a time, so a large model's memory
     stays bounded), from files written once: no serialized copy of either model stays in memory.
     """
@@ -132,10 +135,19 @@ def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 
                         "candidate": make_session(paths[1], ep, threads=n_threads)}
             for batch in sizes:
                 sliced = {k: v[:batch] for k, v in feeds.items()}
-                latency = measure_latency(sessions, sliced, runs=5, warmup=1, min_seconds=min_seconds)
-                check = SpeedCheck(n_threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms)
+                check = _time_pair(sessions, sliced, n_threads, batch, min_seconds, decisive)
                 checks.append(check)
                 if clear_win and check.speedup >= clear_win:
                     break
             del sessions
     return checks
+
+
+def _time_pair(sessions, feeds, threads: int, batch: int, min_seconds: float, decisive: float | None) -> SpeedCheck:
+    if decisive:
+        quick = measure_latency(sessions, feeds, runs=3, warmup=1, min_seconds=0)
+        check = SpeedCheck(threads, batch, quick["reference"].median_ms, quick["candidate"].median_ms)
+        if max(check.speedup, 1 / check.speedup) >= decisive:
+            return check
+    latency = measure_latency(sessions, feeds, runs=5, warmup=0 if decisive else 1, min_seconds=min_seconds)
+    return SpeedCheck(threads, batch, latency["reference"].median_ms, latency["candidate"].median_ms)

@@ -177,14 +177,18 @@ class Quantize(Pass):
         if self.options.profile == "tensorrt":
             notes.append("profile=tensorrt: int8 symmetric activations; speed not checked on the CPU")
         elif self.options.keep_if_slower:
+            started = time.perf_counter()
             slower, details["speed_check"] = self._speed_check(model, result.model, data, ctx.ep)
+            details["speed_check_seconds"] = time.perf_counter() - started
             if slower:
                 notes.append(f"int8 does not pay on this model ({slower}); kept the float model. "
                              "Pass quant:keep_if_slower=false to keep int8 anyway")
                 return PassResult(model, changed=False, skipped=result.skipped, notes=notes,
                                   details={"mode": "float (int8 slower)", "speed_check": details["speed_check"]})
         details["nodes_quantized"] = result.nodes_quantized
+        started = time.perf_counter()
         details["worst_tensors"] = self._worst_tensors(model, result, data)
+        details["report_seconds"] = time.perf_counter() - started
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
                           details=details)
 
@@ -218,7 +222,7 @@ class Quantize(Pass):
         from onnxopt.validation import speed_check
 
         feeds = next(data.untrimmed())
-        checks = speed_check(float_model, model, feeds, ep=ep, min_seconds=0.2, clear_win=1.15)
+        checks = speed_check(float_model, model, feeds, ep=ep, min_seconds=0.2, clear_win=1.15, decisive=1.2)
         lost = ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in checks if c.speedup < 1.0)
         return lost, [dict(dataclasses.asdict(c), speedup=c.speedup) for c in checks]
 
