@@ -50,7 +50,8 @@ def ort_static(src: str, out: str, calib: str, batch: int, method: str, op_types
                     calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types)
 
 
-def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> None:
+def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> dict | None:
+    """Quantizes with `tool`; onnxopt also returns where its time went."""
     import onnx
 
     if tool.startswith("ort-dynamic"):
@@ -77,9 +78,15 @@ def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> None:
         import onnxopt
 
         samples = len(np.load(calib)[np.load(calib).files[0]])
-        spec = {"onnxopt": f"fold,fuse,quant:samples={samples}", "onnxopt-dynamic": "fold,fuse,quant:mode=dynamic"}[tool]
-        onnxopt.optimize(src, spec, output=out, calibration=calib if tool == "onnxopt" else None,
-                         compare=False, verify="none")
+        variant = tool.removeprefix("onnxopt").lstrip("-")
+        if variant == "dynamic":
+            spec = "fold,fuse,quant:mode=dynamic"
+        else:
+            spec = f"fold,fuse,quant:samples={samples}" + (f",method={variant}" if variant else "")
+        _, report = onnxopt.optimize(src, spec, output=out, calibration=calib if variant != "dynamic" else None,
+                                     compare=False, verify="none")
+        details = report.passes[-1]["details"]
+        return {k: details[k] for k in ("calibration_seconds", "speed_check_seconds", "report_seconds") if k in details}
     else:
         raise ValueError(f"unknown tool {tool}")
 
@@ -97,14 +104,15 @@ def main() -> None:
     tool, src, calib, out, batch = sys.argv[1:6]
     os.environ["ONNXOPT_CACHE"] = tempfile.mkdtemp()  # a cold calibration every time
     start = time.perf_counter()
+    breakdown = None
     try:
-        quantize(tool, src, calib, out, int(batch))
+        breakdown = quantize(tool, src, calib, out, int(batch))
         error = None
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
     seconds = time.perf_counter() - start
     peak_mb = peak_rss_mb()
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "error": error}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "error": error, "breakdown": breakdown}))
 
 
 if __name__ == "__main__":
