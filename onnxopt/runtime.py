@@ -53,15 +53,7 @@ def effective_ep(ep: str, fallback: bool) -> str:
     return ep if providers[0] == EXECUTION_PROVIDERS[ep][0] else "cpu"
 
 
-def session_source(model: onnx.ModelProto | bytes | str | Path) -> bytes | str:
-    """What InferenceSession takes: serialized bytes (once, for a model opened many times) or a path.
-    A ModelProto over 2 GB stays as it is: make_session saves it with external data."""
-    if isinstance(model, onnx.ModelProto):
-        return model if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else model.SerializeToString()
-    return model if isinstance(model, bytes) else str(model)
-
-
-def make_session(model: onnx.ModelProto | bytes | str | Path, ep: str = "cpu", *, fallback: bool = False,
+def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallback: bool = False,
                  threads: int | None = None, optimized_model_path: str | None = None,
                  graph_optimization: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
     """An InferenceSession on `ep`, raising OnnxoptError when ORT cannot run the model there."""
@@ -81,7 +73,8 @@ def make_session(model: onnx.ModelProto | bytes | str | Path, ep: str = "cpu", *
                 path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
                 session = ort.InferenceSession(str(path), options, providers=providers)
         else:
-            session = ort.InferenceSession(session_source(model), options, providers=providers)
+            source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+            session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
         if isinstance(model, onnx.ModelProto):
             check_runnable_opset(model)
@@ -104,7 +97,7 @@ def session_with_outputs(model: onnx.ModelProto, names, ep: str = "cpu") -> ort.
     present = {o.name for o in outputs}
     outputs.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in present)
     try:
-        return make_session(session_source(model), ep)
+        return make_session(model, ep)
     finally:
         del outputs[count:]
 
