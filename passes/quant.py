@@ -174,6 +174,8 @@ class Quantize(Pass):
             notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} "
                          f"(output error {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
             details["auto"] = sensitivity
+            if not result.nodes_quantized:
+                return PassResult(model, changed=False, skipped=result.skipped, notes=notes, details=details)
         if self.options.profile == "tensorrt":
             notes.append("profile=tensorrt: int8 symmetric activations; speed not checked on the CPU")
         elif self.options.keep_if_slower:

@@ -3,10 +3,12 @@
 The error of a candidate model is 1 - cosine between its outputs and the float model's, on a few
 calibration samples (the worst output counts). Each quantized Conv/MatMul/Gemm is scored by how much
 the error drops when that one layer alone stays float; layers are then kept float greedily, most
-harmful first, re-measuring after each, until the error is within `max_error`.
+harmful first, re-measuring after each, until the error is within `max_error` (with every layer
+float it is 0, so the budget always holds in the end).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import numpy as np
@@ -19,6 +21,13 @@ EVAL_SAMPLES = 16
 
 
 def _eval_feeds(data) -> list[dict]:
+    """About EVAL_SAMPLES samples in batches spread over the data: when padding is cut, samples are
+    batched by length and the first batches alone would be the shortest sentences."""
+    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
+    if count and size:
+        wanted = min(count, -(-EVAL_SAMPLES // size))
+        chosen = {int((i + 0.5) * count / wanted) for i in range(wanted)}
+        return [batch for index, batch in enumerate(data) if index in chosen]
     feeds, seen = [], 0
     for batch in data:
         feeds.append(batch)
@@ -44,11 +53,12 @@ def keep_sensitive_float(quantize: Callable, float_model, full, data, max_error:
     if error <= max_error:
         return frozenset(), summary
     gains = {}
-    for name in tqdm(full.compute_outputs, desc="sensitivity", unit="layer", leave=False, disable=not progress):
+    for name in tqdm(full.compute_outputs, desc="sensitivity", unit="layer", leave=False,
+                     disable=not progress or not sys.stderr.isatty()):
         gains[name] = error - output_error(float_outputs, quantize(frozenset({name})).model, feeds)
     kept: set[str] = set()
-    for name in sorted(gains, key=gains.get, reverse=True):
-        if error <= max_error or gains[name] <= 0:
+    for name in sorted(gains, key=gains.get, reverse=True):  # alone a layer may seem harmless, not in company
+        if error <= max_error:
             break
         kept.add(name)
         error = output_error(float_outputs, quantize(frozenset(kept)).model, feeds)

@@ -249,3 +249,14 @@ def test_real_tokens_do_not_depend_on_trailing_padding(minilm_model):
     full, short = ort_run(model, feeds)[0], ort_run(model, cut)[0]
     real = cut["attention_mask"].astype(bool)
     np.testing.assert_allclose(short[real], full[:, :width][real], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_mode_evaluates_batches_spread_over_length_sorted_data(tokens):
+    from onnxopt.passes.quant_auto import EVAL_SAMPLES, _eval_feeds
+
+    lengths = list(range(1, 10)) * 8  # 72 samples, 9 batches of 8 once sorted by length
+    data = open_calibration(right_padded(lengths), tokens, batch_size=8, trim_padding=True)
+    list(data)  # a full pass, as calibration makes: the batch count is known from now on
+    chosen = _eval_feeds(data)
+    assert sum(len(b["input_ids"]) for b in chosen) == EVAL_SAMPLES
+    assert [int(b["attention_mask"].sum(1).max()) for b in chosen] == [3, 7]  # not the two shortest

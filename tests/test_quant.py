@@ -337,3 +337,29 @@ def test_longest_sample_has_no_padding():
     mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], np.int64)
     sample = longest_sample({"ids": mask * 7, "attention_mask": mask}, PaddingLayout("attention_mask", ("ids", "attention_mask")))
     assert sample["attention_mask"].tolist() == [[1, 1, 1]] and sample["ids"].tolist() == [[7, 7, 7]]
+
+
+def test_auto_keeps_the_most_harmful_layers_float_until_the_budget_holds(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    calib = str(digits.calibration_npz())
+    spec = "fold,fuse,quant:keep_if_slower=false,auto=true,max_error="
+    _, report = _quantize(digits_model, calib, spec + "0.5")
+    assert report.passes[-1]["details"]["auto"]["kept_float"] == []
+    error_all_int8 = report.passes[-1]["details"]["auto"]["error_before"]
+    budget = error_all_int8 / 2
+    mixed, report = _quantize(digits_model, calib, spec + f"{budget:.3g}")
+    auto = report.passes[-1]["details"]["auto"]
+    assert auto["kept_float"] and auto["error_after"] <= budget
+    drops = [m["error_drop"] for m in auto["most_sensitive"]]
+    assert drops == sorted(drops, reverse=True)
+    producers = {o: n for n in mixed.graph.node for o in n.output}
+    for output in auto["kept_float"]:  # the kept layers read float inputs, not dequantized ones
+        assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear"
+                   for i in producers[output].input)
+    assert any(n.op_type == "QuantizeLinear" for n in mixed.graph.node)
+    # a budget int8 cannot meet anywhere: every layer float, which is the input model
+    unchanged, report = _quantize(digits_model, calib, spec + "1e-9")
+    assert not report.passes[-1]["changed"] and report.passes[-1]["details"]["auto"]["error_after"] == 0
+    assert not any(n.op_type == "QuantizeLinear" for n in unchanged.graph.node)
