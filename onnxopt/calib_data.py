@@ -110,7 +110,7 @@ class CalibrationData:
                 self._validate(chunk, where)
                 seen += take
                 batches += 1
-                if padding is not None and padding.mask in chunk:
+                if padding is not None:  # validated: the mask input is in every chunk
                     trimmed = calib_padding.trim(chunk, padding)
                     self.positions[0] += trimmed[padding.mask].size
                     self.positions[1] += chunk[padding.mask].size

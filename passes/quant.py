@@ -235,7 +235,7 @@ class Quantize(Pass):
         from onnxopt.calib_padding import longest_sample
 
         first = next(data.untrimmed())
-        if data.padding is not None and data.padding.mask in first:
+        if data.padding is not None:
             feeds = longest_sample(first, data.padding)
         else:
             feeds = {k: v[:samples] for k, v in first.items()}
