@@ -64,8 +64,11 @@ def _run_all(model: onnx.ModelProto, names: list[str], feeds, ep: str) -> dict[s
 
 
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                    ep: str = "cpu", only: set[str] | None = None) -> list[TensorError]:
-    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first."""
+                    ep: str = "cpu", only: set[str] | None = None,
+                    reference_values: dict[str, np.ndarray] | None = None) -> list[TensorError]:
+    """Errors of every float tensor the two models share (or of `only` those), worst SQNR first.
+    `reference_values`: the reference's tensors on `feeds`, already computed; the reference model
+    is run only when they do not cover every tensor compared."""
     views = _dequantized_views(candidate)
     produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
     ref_names = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
@@ -73,7 +76,9 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     pairs = [(t, *views.get(t, (t, None))) for t in ref_names if t in views or t in produced]
     if not pairs:
         return []
-    ref_values = _run_all(reference, [p[0] for p in pairs], feeds, ep)
+    ref_values = reference_values or {}
+    if any(p[0] not in ref_values for p in pairs):
+        ref_values = _run_all(reference, [p[0] for p in pairs], feeds, ep)
     cand_values = _run_all(candidate, [p[1] for p in pairs], feeds, ep)
     errors = []
     for ref_name, cand_name, divisor in pairs:

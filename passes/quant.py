@@ -3,8 +3,8 @@
 Static mode runs in three separate steps: calibration (`quant_calibration`: one streaming pass over
 the data, statistics cached on disk), planning (`quant_plan`: which tensors, which parameters, from a
 per-op table) and rewriting (`quant_qdq`: QuantizeLinear/DequantizeLinear insertion). Activations that
-feed MatMul weights are smoothed (SmoothQuant, `smooth` = alpha): outlier channels are scaled down
-inside the QuantizeLinear and the weight rows scaled up, which costs no extra node at run time.
+feed MatMul weights are smoothed (SmoothQuant, `smooth` = alpha): outlier channels are divided by s
+in a Mul before their QuantizeLinear and the weight rows multiplied by s (MiniLM: 4% of int8 run time).
 Dynamic mode (`quant_dynamic`) quantizes MatMul weights only and lets ORT quantize activations per call.
 """
 from __future__ import annotations
@@ -150,8 +150,9 @@ class Quantize(Pass):
             return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
         started = time.perf_counter()
+        probe = calibration.Probe(self._report_feeds(data))
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache_dir, ep="cpu", progress=ctx.progress,
-                                            channel_tensors=groups)
+                                            channel_tensors=groups, probe=probe)
         calibration_seconds = time.perf_counter() - started
         calibrated, given = data.positions
         if calibrated < given:
@@ -189,7 +190,7 @@ class Quantize(Pass):
                                   details={"mode": "float (int8 slower)", "speed_check": details["speed_check"]})
         details["nodes_quantized"] = result.nodes_quantized
         started = time.perf_counter()
-        details["worst_tensors"] = self._worst_tensors(model, result, data)
+        details["worst_tensors"] = self._worst_tensors(model, result, probe)
         details["report_seconds"] = time.perf_counter() - started
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
                           details=details)
@@ -229,17 +230,22 @@ class Quantize(Pass):
         return lost, [dict(dataclasses.asdict(c), speedup=c.speedup) for c in checks]
 
     @staticmethod
-    def _worst_tensors(float_model, result: StaticResult, data, samples: int = 2) -> list[dict]:
-        """The 10 quantized activations with the lowest SQNR on a slice of the calibration data
-        (for sequence models: its longest sentence without padding, whose values nobody reads)."""
+    def _report_feeds(data, samples: int = 2) -> dict[str, np.ndarray]:
+        """Inputs of the SQNR report: a slice of the calibration data (for sequence models, its
+        longest sentence without padding, whose values nobody reads)."""
         from onnxopt.calib_padding import longest_sample
 
         first = next(data.untrimmed())
         if data.padding is not None:
-            feeds = longest_sample(first, data.padding)
-        else:
-            feeds = {k: v[:samples] for k, v in first.items()}
-        errors = compare_tensors(float_model, result.model, feeds, only=result.activations)
+            return longest_sample(first, data.padding)
+        return {k: v[:samples] for k, v in first.items()}
+
+    @staticmethod
+    def _worst_tensors(float_model, result: StaticResult, probe: calibration.Probe) -> list[dict]:
+        """The 10 quantized activations with the lowest SQNR on the probe input (float values
+        recorded by the calibration session when it ran)."""
+        errors = compare_tensors(float_model, result.model, probe.feeds, only=result.activations,
+                                 reference_values=probe.values)
         return [dataclasses.asdict(e) for e in errors[:10]]
 
     def _smooth(self, model, groups, stats, ranges) -> dict[str, np.ndarray]:

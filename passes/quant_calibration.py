@@ -248,6 +248,16 @@ def _mse_threshold(hist: np.ndarray, width: float, steps: float) -> float:
     return float(t[np.argmin(inside + clipped)])
 
 
+@dataclasses.dataclass
+class Probe:
+    """One input whose float activations the calibration session also returns (`values`, filled by
+    `Calibrator.collect`): the quantization report compares against them without building a second
+    session of the float model. `values` stays None when the statistics came from the cache."""
+
+    feeds: dict[str, np.ndarray]
+    values: dict[str, np.ndarray] | None = None
+
+
 class Calibrator:
     """Collects TensorStats of chosen tensors with one ORT session run batch by batch; only one
     batch's activations are alive at a time."""
@@ -269,7 +279,8 @@ class Calibrator:
         self._fetched = [n for n in self.names if n in produced]
         self._model, self._ep = model, ep
 
-    def collect(self, data: Iterable[dict], progress: bool = True, total: int | None = None) -> dict[str, TensorStats]:
+    def collect(self, data: Iterable[dict], progress: bool = True, total: int | None = None,
+                probe: Probe | None = None) -> dict[str, TensorStats]:
         stats = {name: TensorStats(self.bins, track_channels=name in self.channel_tensors) for name in self.names}
         for name, tensor in self._constants.items():
             stats[name].update(numpy_helper.to_array(tensor))
@@ -288,6 +299,11 @@ class Calibrator:
                 for name, value in zip(self._fetched, outputs):
                     stats[name].update(value)
                 del outputs
+        if probe is not None:
+            probe.values = {name: probe.feeds[name] for name in self.names if name in probe.feeds}
+            if session is not None:
+                fed = {k: v for k, v in probe.feeds.items() if k in feed_names}
+                probe.values.update(zip(self._fetched, session.run(self._fetched, fed)))
         return stats
 
 
@@ -299,21 +315,21 @@ def default_cache_dir() -> Path:
 
 def load_or_collect(model: onnx.ModelProto, tensor_names: Iterable[str], data, cache_dir: str | Path | None = None,
                     *, ep: str = "cpu", bins: int = DEFAULT_BINS, progress: bool = True,
-                    channel_tensors: Iterable[str] = ()) -> dict[str, TensorStats]:
+                    channel_tensors: Iterable[str] = (), probe: Probe | None = None) -> dict[str, TensorStats]:
     """TensorStats from the cache when this model, data, tensor set and bin count were seen before,
     else collected (one inference pass) and stored. Data without `fingerprint()` (a plain iterable, a
-    one-shot iterator) is collected without the cache."""
+    one-shot iterator) is collected without the cache. A `probe` is filled only when collecting."""
     names = sorted(set(tensor_names))
     channels = sorted(set(channel_tensors))
     if not getattr(data, "reiterable", False) or not hasattr(data, "fingerprint"):
-        return Calibrator(model, names, ep, bins, channels).collect(data, progress)
+        return Calibrator(model, names, ep, bins, channels).collect(data, progress, probe=probe)
     key = hashlib.sha256("\n".join([model_fingerprint(model), data.fingerprint(), ep, str(bins), *names,
                                     "channels", *channels]).encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / f"{key}.npz"
     cached = _load_stats(path, names)
     if cached is not None:
         return cached
-    stats = Calibrator(model, names, ep, bins, channels).collect(data, progress)
+    stats = Calibrator(model, names, ep, bins, channels).collect(data, progress, probe=probe)
     _save_stats(path, stats)
     return stats
 

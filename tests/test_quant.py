@@ -329,6 +329,10 @@ def test_sqnr_report_undoes_smoothing():
     errors = {e.tensor: e for e in compare_tensors(model, quantized, {"x": x[:8]})}
     # the dequantized value, not the float h (inf dB), and scaled back (h / s against h: ~0 dB)
     assert 25 < errors["h"].sqnr_db < 80 and errors["h"].cosine > 0.99
+    # the report's float side came from the calibration session: it must equal a fresh float run
+    reported = {w["tensor"]: w["sqnr_db"] for w in quant["details"]["worst_tensors"]}
+    fresh = {e.tensor: e.sqnr_db for e in compare_tensors(model, quantized, {"x": x[:2]})}
+    assert reported["h"] == pytest.approx(fresh["h"], rel=1e-6)
 
 
 def test_longest_sample_has_no_padding():

@@ -186,6 +186,18 @@ def test_calibrator_matches_numpy_and_takes_inputs_from_feeds():
         Calibrator(model, ["r", "nope"])
 
 
+def test_probe_gets_the_float_values_of_every_calibrated_tensor():
+    from onnxopt.passes.quant_calibration import Probe
+
+    model = small_model()
+    x = rng.standard_normal((1, 3, 16)).astype(np.float32)
+    probe = Probe({"x": x})
+    Calibrator(model, ["x", "r", "y"]).collect([{"x": x * 2}], progress=False, probe=probe)
+    assert probe.values.keys() == {"x", "r", "y"}
+    np.testing.assert_array_equal(probe.values["x"], x)
+    np.testing.assert_allclose(probe.values["r"], np.maximum(x, 0))
+
+
 def test_variable_sequence_lengths_across_batches():
     model = parse("""
         <ir_version: 8, opset_import: ["" : 17]>
