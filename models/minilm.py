@@ -11,6 +11,7 @@ checked with onnx.checker and against torch with onnxruntime on a real tokenized
 
 from __future__ import annotations
 
+
 import os
 import sys
 import time
@@ -180,3 +181,27 @@ def evaluation_feeds(n: int = 300, seq_len: int = 128) -> dict[str, np.ndarray]:
     from models import corpus
 
     return encode(corpus.sentences(n, offset=EVAL_OFFSET), seq_len=seq_len)
+
+
+DEV_OFFSET, DEV_SENTENCES = 2000, 64  # the scorer's sentences: disjoint from calibration and evaluation
+
+
+@lru_cache(maxsize=1)
+def _dev_set() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Dev sentences (padded to the longest) and the fp32 model's embeddings of them."""
+    import onnxruntime as ort
+
+    from models import corpus
+
+    feeds = encode(corpus.sentences(DEV_SENTENCES, offset=DEV_OFFSET), pad_to_max=False)
+    reference = ort.InferenceSession(str(build()), providers=["CPUExecutionProvider"])
+    return feeds, embed(reference.run([OUTPUT_NAME], feeds)[0], feeds["attention_mask"])
+
+
+def embedding_cosine(session) -> float:
+    """Mean cosine between `session`'s sentence embeddings and the fp32 model's on 64 dev sentences:
+    a scorer for `quant:auto=true,eval=models.minilm:embedding_cosine` (the float model scores 1)."""
+    feeds, reference = _dev_set()
+    wanted = {i.name for i in session.get_inputs()}
+    hidden = session.run([OUTPUT_NAME], {k: v for k, v in feeds.items() if k in wanted})[0]
+    return float(np.mean(np.sum(embed(hidden, feeds["attention_mask"]) * reference, axis=1)))

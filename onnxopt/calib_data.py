@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -43,6 +41,7 @@ from onnx import numpy_helper
 
 from . import calib_padding
 from .errors import OnnxoptError
+from .imports import import_object
 from .inputs import generate_inputs, real_inputs
 
 Feeds = dict[str, np.ndarray]
@@ -204,7 +203,8 @@ def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, sample
         elif Path(text).exists():
             data = _from_path(Path(text), model, options)
         elif _CALLABLE_SPEC.fullmatch(text):
-            data = _from_object(_import_object(text), model, text, options)
+            data = _from_object(import_object(text, "calibration data", "name the function that yields feed dicts"),
+                                model, text, options)
         else:
             raise OnnxoptError(f"calibration data not found: {text}", SOURCES_HINT)
     else:
@@ -286,28 +286,6 @@ def _read_test_set(folder: Path, model: onnx.ModelProto) -> Feeds:
 def _numeric_suffix(path: Path) -> int:
     digits = re.search(r"(\d+)$", path.stem)
     return int(digits.group(1)) if digits else -1
-
-
-def _import_object(spec: str):
-    """`package.module:name` (importable) or `path/file.py:name`."""
-    module_name, _, attribute = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise OnnxoptError(f"calibration module {file} not found", SOURCES_HINT)
-            module_spec = importlib.util.spec_from_file_location(f"_onnxopt_calib_{file.stem}", file)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise OnnxoptError(f"cannot import '{module_name}' for calibration data ({exc})",
-                           "put it on PYTHONPATH, or write path/to/file.py:function") from exc
-    if not hasattr(module, attribute):
-        raise OnnxoptError(f"'{module_name}' has no attribute '{attribute}'",
-                           "name the function that yields feed dicts")
-    return getattr(module, attribute)
 
 
 def _from_object(source, model: onnx.ModelProto, description: str, options: dict) -> CalibrationData:

@@ -1,7 +1,8 @@
 """Pipeline specs: `fold,prune:sparsity=0.5,quant:method=entropy,samples=64` and TOML/YAML config files.
 
 In the text form passes are separated by commas and options follow the pass name after `:`;
-`key=value` items after a comma (or another `:`) belong to the pass before them.
+`key=value` items after a comma (or another `:`) belong to the pass before them; a `:` followed by
+text without `=` stays in the value before it (`eval=package.module:function`).
 """
 from __future__ import annotations
 
@@ -29,11 +30,16 @@ def parse_spec(text: str) -> list[PassSpec]:
             items.insert(0, head)
         else:
             specs.append((head.strip(), {}))
+        last_key = None
         for item in items:
             key, sep, value = item.partition("=")
+            if not sep and last_key is not None:  # a colon inside a value: eval=package.module:function
+                specs[-1][1][last_key] += ":" + item.strip()
+                continue
             if not sep or not key.strip():
                 raise OnnxoptError(f"malformed option '{item}' in pipeline '{text}'", "write pass:option=value")
-            specs[-1][1][key.strip()] = value.strip()
+            last_key = key.strip()
+            specs[-1][1][last_key] = value.strip()
     if not specs:
         raise OnnxoptError("the pipeline is empty", "give passes with -p, e.g. -p fold,fuse")
     return specs

@@ -10,6 +10,7 @@ Dynamic mode (`quant_dynamic`) quantizes MatMul weights only and lets ORT quanti
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Literal
 
@@ -55,7 +56,10 @@ class QuantOptions:
     bits: Literal[8, 4] = option(8, "weight bits; 4: int4 weight-only MatMul (blockwise, ORT MatMulNBits)")
     block_size: int = option(32, "int4: weights per scale along the reduction axis (power of two, >= 16)")
     auto: bool = option(False, "keep the layers that hurt the outputs most in float until max_error holds")
-    max_error: float = option(0.005, "auto: largest allowed 1 - cosine between float and int8 outputs on calibration data")
+    max_error: float = option(0.005, "auto: largest allowed 1 - cosine between float and int8 outputs on calibration "
+                                     "data, or with eval the largest allowed drop of its score")
+    eval: str = option("", "auto: module:function (or file.py:function) scoring a model on your own data, higher is "
+                           "better; called with an onnxruntime.InferenceSession on the CPU")
     keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads; batch 8 "
                                         "is skipped when batch 1 is 1.15x faster) and keep the float model if int8 "
                                         "is slower in any of them")
@@ -67,10 +71,12 @@ class QuantOptions:
             raise ValueError("percentile must be in (50, 100]")
         if self.samples < 1 or self.batch_size < 1:
             raise ValueError("samples and batch_size must be >= 1")
-        if not 0 < self.max_error < 1:
-            raise ValueError("max_error must be in (0, 1)")
+        if not 0 < self.max_error < (math.inf if self.eval else 1):
+            raise ValueError("max_error must be in (0, 1), or > 0 with eval")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two >= 16")
+        if self.eval and not self.auto:
+            raise ValueError("eval is the accuracy measure of auto mode: add auto=true")
 
 
 @dataclasses.dataclass
@@ -140,6 +146,11 @@ class Quantize(Pass):
 
         if ctx.calibration is None:
             raise OnnxoptError("quant needs calibration data", "pass --calib data.npz (or --calib random to try it out)")
+        score = None
+        if self.options.eval:
+            from .quant_auto import load_score
+
+            score = load_score(self.options.eval)
         data = open_calibration(ctx.calibration, model, batch_size=self.options.batch_size,
                                 samples=self.options.samples, trim_padding=self.options.trim_padding)
         floats = {n for n, vi in infer_value_info(model).items()
@@ -167,14 +178,16 @@ class Quantize(Pass):
                    "calibration": data.description, "calibration_samples": data.num_samples,
                    "calibration_seconds": calibration_seconds}
         if self.options.auto:
-            from .quant_auto import keep_sensitive_float
+            from .quant_auto import keep_sensitive_float, output_error, score_drop
 
-            kept, sensitivity = keep_sensitive_float(quantize, model, result, data, self.options.max_error, ctx.progress)
+            error_of, measure = (score_drop(model, score, self.options.eval) if score is not None
+                                 else output_error(model, data))
+            kept, sensitivity = keep_sensitive_float(quantize, result, error_of, self.options.max_error, ctx.progress)
             if kept:
                 result = quantize(kept)
-            notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} "
-                         f"(output error {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
-            details["auto"] = sensitivity
+            notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} on the "
+                         f"{measure} (now {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
+            details["auto"] = dict(sensitivity, measure=measure)
             if not result.nodes_quantized:
                 return PassResult(model, changed=False, skipped=result.skipped, notes=notes, details=details)
         if self.options.profile == "tensorrt":

@@ -39,6 +39,10 @@ def test_parse_spec_forms():
     # key=value after a comma continues the previous pass
     assert parse_spec("fold:max_folded_mb=4,dedupe=false,fuse") == [
         ("fold", {"max_folded_mb": "4", "dedupe": "false"}), ("fuse", {})]
+    # a colon inside a value (module:function) stays in it
+    assert parse_spec("quant:auto=true,eval=models.minilm:score:max_error=0.01,fold") == [
+        ("quant", {"auto": "true", "eval": "models.minilm:score", "max_error": "0.01"}), ("fold", {})]
+    assert parse_spec("quant:eval=C:/x/f.py:score") == [("quant", {"eval": "C:/x/f.py:score"})]
 
 
 def test_options_are_type_checked():

@@ -367,3 +367,56 @@ def test_auto_keeps_the_most_harmful_layers_float_until_the_budget_holds(digits_
     unchanged, report = _quantize(digits_model, calib, spec + "1e-9")
     assert not report.passes[-1]["changed"] and report.passes[-1]["details"]["auto"]["error_after"] == 0
     assert not any(n.op_type == "QuantizeLinear" for n in unchanged.graph.node)
+
+
+SCORER = '''
+import numpy as np
+from models import digits
+
+def logit_agreement(session):
+    """Higher is better: minus the mean |logit| error against the float model's logits."""
+    images, _ = digits.heldout()
+    return -float(np.mean(np.abs(session.run(["logits"], {"image": images})[0] - np.load(REFERENCE))))
+
+def broken(session):
+    raise KeyError("logits")
+'''
+
+
+def test_auto_with_a_user_eval_function_meets_its_budget(digits_model, tmp_path, monkeypatch):
+    from models import digits
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    images, _ = digits.heldout()
+    reference = ort.InferenceSession(str(digits_model)).run(["logits"], {"image": images})[0]
+    np.save(tmp_path / "reference.npy", reference)
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(SCORER.replace("REFERENCE", repr(str(tmp_path / "reference.npy"))))
+    calib = str(digits.calibration_npz())
+    spec = f"fold,fuse,quant:keep_if_slower=false,auto=true,eval={scorer}:logit_agreement,max_error="
+    _, report = _quantize(digits_model, calib, spec + "10")
+    auto = report.passes[-1]["details"]["auto"]
+    assert auto["kept_float"] == [] and auto["error_before"] > 0 and "logit_agreement" in auto["measure"]
+    budget = auto["error_before"] / 3
+    mixed, report = _quantize(digits_model, calib, spec + f"{budget:.4g}")
+    auto = report.passes[-1]["details"]["auto"]
+    assert auto["kept_float"] and auto["error_after"] <= budget
+    error = -float(np.mean(np.abs(ort.InferenceSession(mixed.SerializeToString()).run(["logits"], {"image": images})[0]
+                                  - reference)))
+    assert -error == pytest.approx(auto["error_after"], rel=1e-3)  # the budget holds for the model returned
+
+
+@pytest.mark.parametrize("option,message", [
+    ("auto=true,eval={scorer}:broken", "eval function .*:broken failed on the float model: KeyError"),
+    ("auto=true,eval={scorer}:nope", "has no attribute 'nope'"),
+    ("auto=true,eval=no_such_module_xyz:f", "cannot import 'no_such_module_xyz' for the eval"),
+    ("eval={scorer}:broken", "eval is the accuracy measure of auto mode: add auto=true"),
+])
+def test_a_bad_eval_function_is_one_clear_error(digits_model, tmp_path, option, message):
+    from models import digits
+
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(SCORER.replace("REFERENCE", "'missing.npy'"))
+    with pytest.raises(OnnxoptError, match=message):
+        onnxopt.optimize(str(digits_model), "quant:" + option.format(scorer=scorer),
+                         calibration=str(digits.calibration_npz()), compare=False)
