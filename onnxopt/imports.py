@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 from .errors import OnnxoptError
@@ -23,6 +25,8 @@ def import_object(spec: str, purpose: str, hint: str):
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())  # as `python -m` would: modules beside the user resolve
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise OnnxoptError(f"cannot import '{module_name}' for {purpose} ({exc})",

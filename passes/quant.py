@@ -178,16 +178,7 @@ class Quantize(Pass):
                    "calibration": data.description, "calibration_samples": data.num_samples,
                    "calibration_seconds": calibration_seconds}
         if self.options.auto:
-            from .quant_auto import keep_sensitive_float, output_error, score_drop
-
-            error_of, measure = (score_drop(model, score, self.options.eval) if score is not None
-                                 else output_error(model, data))
-            kept, sensitivity = keep_sensitive_float(quantize, result, error_of, self.options.max_error, ctx.progress)
-            if kept:
-                result = quantize(kept)
-            notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} on the "
-                         f"{measure} (now {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
-            details["auto"] = dict(sensitivity, measure=measure)
+            result = self._keep_sensitive_float(quantize, model, result, data, score, notes, details, ctx.progress)
             if not result.nodes_quantized:
                 return PassResult(model, changed=False, skipped=result.skipped, notes=notes, details=details)
         if self.options.profile == "tensorrt":
@@ -207,6 +198,18 @@ class Quantize(Pass):
         details["report_seconds"] = time.perf_counter() - started
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
                           details=details)
+
+    def _keep_sensitive_float(self, quantize, model, result: StaticResult, data, score, notes: list[str],
+                              details: dict, progress: bool) -> StaticResult:
+        """auto mode: `result` with its most harmful layers float, until the error budget holds."""
+        from .quant_auto import keep_sensitive_float, output_error, score_drop
+
+        error_of, measure = score_drop(model, score, self.options.eval) if score else output_error(model, data)
+        kept, sensitivity = keep_sensitive_float(quantize, result, error_of, self.options.max_error, progress)
+        notes.append(f"auto: {len(kept)} layer(s) kept float for max_error={self.options.max_error} on the "
+                     f"{measure} (now {sensitivity['error_after']:.4g}, all-int8 {sensitivity['error_before']:.4g})")
+        details["auto"] = dict(sensitivity, measure=measure)
+        return quantize(kept) if kept else result
 
     @property
     def _symmetric(self) -> bool:

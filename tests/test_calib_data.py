@@ -106,6 +106,19 @@ def test_callable_spec_with_variable_sequence_lengths(tokens, tmp_path, monkeypa
         open_calibration("no_such_module_xyz:batches", tokens)
 
 
+def test_a_module_beside_the_user_imports_without_pythonpath(tmp_path, monkeypatch):
+    """`onnxopt ... eval=mymodule:f` from the folder holding mymodule.py, as `python -m` would find it."""
+    import sys
+
+    from onnxopt.imports import import_object
+
+    (tmp_path / "beside_user_xyz.py").write_text("def f():\n    return 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert import_object("beside_user_xyz:f", "the eval", "")() == 7
+    monkeypatch.delitem(sys.modules, "beside_user_xyz")
+
+
 def test_python_objects(tokens):
     batches = [token_batch(3, 5), token_batch(2, 9)]
     assert sizes(open_calibration(lambda: iter(batches), tokens, batch_size=2)) == [2, 1, 2]

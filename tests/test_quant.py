@@ -253,6 +253,18 @@ def test_minilm_int8_embeddings_match_fp32(minilm_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_minilm_scorer_drives_auto_mode(minilm_model, tmp_path, monkeypatch):
+    from models import minilm
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    spec = "quant:samples=32,keep_if_slower=false,auto=true,eval=models.minilm:embedding_cosine,max_error=0.05"
+    _, report = _quantize(minilm_model, minilm.calibration_npz(), spec, verify="none")
+    auto = report.passes[-1]["details"]["auto"]
+    assert "embedding_cosine below the float model's 1" in auto["measure"]  # fp32 against itself: 1
+    assert 0 < auto["error_before"] < 0.01 and auto["kept_float"] == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_path, monkeypatch):
     from models import minilm
