@@ -24,6 +24,7 @@ from onnxopt.manager import copy_model
 from onnxopt.tensor_compare import compare_tensors
 
 from . import quant_calibration as calibration
+from .quant_bias import correct_biases, correctable
 from .quant_dynamic import dynamic_candidates, quantize_dynamic
 from .quant_int4 import int4_candidates, quantize_int4
 from .quant_plan import COMPUTE_OPS, PlanOptions, build_plan, excluded, place, smoothing_factors, smoothing_groups
@@ -46,6 +47,8 @@ class QuantOptions:
         "auto", "7-bit weights, so ORT's u8 x s8 kernels cannot saturate on x86 CPUs without VNNI (AVX2, "
                 "AVX-512F); auto: on when this CPU lacks VNNI and the target is the CPU")
     smooth: float = option(0.8, "SmoothQuant alpha for activations feeding MatMul weights (0: off)")
+    bias_correction: bool = option(True, "subtract the mean shift weight rounding causes (E[x] @ dW, x's mean from "
+                                         "calibration) from the bias after each MatMul/Gemm")
     smooth_min_ratio: float = option(1.0, "smooth only activations whose largest channel max exceeds the median "
                                           "channel max this many times (outlier channels); each costs a Mul")
     exclude: str = option("", "node names or op types to keep float, ';'-separated; regular expressions allowed")
@@ -160,10 +163,11 @@ class Quantize(Pass):
         if not nodes:
             return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
         groups = smoothing_groups(model, nodes) if self.options.smooth > 0 else {}
+        channel_tensors = set(groups) | (set(correctable(model, nodes)) if self.options.bias_correction else set())
         started = time.perf_counter()
         probe = calibration.Probe(self._report_feeds(data))
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache_dir, ep="cpu", progress=ctx.progress,
-                                            channel_tensors=groups, probe=probe)
+                                            channel_tensors=channel_tensors, probe=probe)
         calibration_seconds = time.perf_counter() - started
         calibrated, given = data.positions
         if calibrated < given:
@@ -229,8 +233,13 @@ class Quantize(Pass):
                   for t in tensors if t in stats}
         smooth = self._smooth(model, groups, stats, ranges)
         plan = build_plan(model, nodes, tensors, ranges, options, smooth)
+        corrected = 0
+        if self.options.bias_correction:
+            means = {t: st.channel_mean for t, st in stats.items() if st.channel_mean is not None}
+            corrected = correct_biases(model, plan, means, smooth)
         counts = QDQInserter(model).apply(plan)
         counts["activations smoothed"] = len(smooth)
+        counts["biases corrected"] = corrected
         return StaticResult(model, {k: v for k, v in counts.items() if v}, skipped + plan.skipped,
                             set(plan.activations), len(plan.nodes),
                             [n.output[0] for n in plan.nodes if n.op_type in COMPUTE_OPS])

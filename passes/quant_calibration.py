@@ -48,6 +48,7 @@ MIN_RANGE, MAX_RANGE = 2.0**-40, 2.0**24
 MASK_LIKE = 1e6
 MIN_SPAN = 1e-7
 METHODS = ("minmax", "percentile", "entropy", "mse")
+STATS_FORMAT = "2"  # part of the cache key: bumped when TensorStats gains a field (2: channel sums)
 # Entropy: a level with no mass under a bin that P fills (outliers folded into the last bin) gets
 # this many counts instead of 0, as TensorRT's smoothing does, so KL stays finite and comparable.
 _SMOOTHING = 1e-4
@@ -66,10 +67,13 @@ class TensorStats:
     half_range: float = 0.0  # R; 0 until a finite value arrives
     saturated: bool = False
     hist: np.ndarray | None = None
-    # Per-channel (last axis) min/max, kept for tensors that feed a MatMul weight: smoothing needs them.
+    # Per-channel (last axis) min/max/sum, kept for tensors that feed a MatMul weight: smoothing
+    # needs the extremes, bias correction the means.
     track_channels: bool = False
     channel_min: np.ndarray | None = None
     channel_max: np.ndarray | None = None
+    channel_sum: np.ndarray | None = None  # float64
+    channel_count: int = 0
 
     def __post_init__(self):
         if self.bins < 8 or self.bins % 4:
@@ -80,6 +84,10 @@ class TensorStats:
     @property
     def is_mask_like(self) -> bool:
         return max(abs(self.min), abs(self.max)) >= MASK_LIKE if self.count > self.nonfinite else False
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return self.channel_sum / self.channel_count if self.channel_sum is not None and self.channel_count else None
 
     @property
     def bin_width(self) -> float:
@@ -106,14 +114,18 @@ class TensorStats:
     def _update_channels(self, values: np.ndarray) -> None:
         rows = values.reshape(-1, values.shape[-1])
         lo, hi = np.nanmin(rows, axis=0), np.nanmax(rows, axis=0)
+        total = np.nansum(rows, axis=0, dtype=np.float64)
         if self.channel_min is None:
-            self.channel_min, self.channel_max = lo, hi
+            self.channel_min, self.channel_max, self.channel_sum = lo, hi, total
         elif self.channel_min.shape == lo.shape:
             np.minimum(self.channel_min, lo, out=self.channel_min)
             np.maximum(self.channel_max, hi, out=self.channel_max)
+            self.channel_sum += total
         else:  # the last axis is not a channel axis (it changed size): nothing per-channel to keep
             self.track_channels = False
-            self.channel_min = self.channel_max = None
+            self.channel_min = self.channel_max = self.channel_sum = None
+            return
+        self.channel_count += rows.shape[0]
 
     def _add(self, chunk: np.ndarray, lo: float, hi: float) -> None:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
@@ -323,7 +335,7 @@ def load_or_collect(model: onnx.ModelProto, tensor_names: Iterable[str], data, c
     channels = sorted(set(channel_tensors))
     if not getattr(data, "reiterable", False) or not hasattr(data, "fingerprint"):
         return Calibrator(model, names, ep, bins, channels).collect(data, progress, probe=probe)
-    key = hashlib.sha256("\n".join([model_fingerprint(model), data.fingerprint(), ep, str(bins), *names,
+    key = hashlib.sha256("\n".join([STATS_FORMAT, model_fingerprint(model), data.fingerprint(), ep, str(bins), *names,
                                     "channels", *channels]).encode()).hexdigest()
     path = Path(cache_dir or default_cache_dir()) / f"{key}.npz"
     cached = _load_stats(path, names)
@@ -350,13 +362,13 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
 
 def _save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
     """One .npz per key, written to a temporary file and renamed, so readers never see half a file."""
-    arrays_fields = ("hist", "channel_min", "channel_max")
+    arrays_fields = ("hist", "channel_min", "channel_max", "channel_sum")
     meta = {name: {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in arrays_fields}
             for name, s in stats.items()}
     arrays = {f"hist_{i}": s.hist for i, s in enumerate(stats.values())}
     for i, s in enumerate(stats.values()):
         if s.channel_min is not None:
-            arrays[f"cmin_{i}"], arrays[f"cmax_{i}"] = s.channel_min, s.channel_max
+            arrays[f"cmin_{i}"], arrays[f"cmax_{i}"], arrays[f"csum_{i}"] = s.channel_min, s.channel_max, s.channel_sum
     handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +390,8 @@ def _load_stats(path: Path, names: list[str]) -> dict[str, TensorStats] | None:
                 return None
             return {name: TensorStats(**fields, hist=archive[f"hist_{i}"],
                                       channel_min=archive[f"cmin_{i}"] if f"cmin_{i}" in archive else None,
-                                      channel_max=archive[f"cmax_{i}"] if f"cmax_{i}" in archive else None)
+                                      channel_max=archive[f"cmax_{i}"] if f"cmax_{i}" in archive else None,
+                                      channel_sum=archive[f"csum_{i}"] if f"csum_{i}" in archive else None)
                     for i, (name, fields) in enumerate(meta.items())}
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None

@@ -26,6 +26,11 @@ def quantize_weight(weight: np.ndarray, params: QuantParams) -> np.ndarray:
     return np.clip(np.round(weight / scale), low, info.max).astype(params.dtype)
 
 
+def dequantize_weight(quantized: np.ndarray, params: QuantParams) -> np.ndarray:
+    """The float64 values a DequantizeLinear of `quantized` yields (symmetric: zero point 0)."""
+    return quantized.astype(np.float64) * _broadcast(params.scale.astype(np.float64), params.axis, quantized.ndim)
+
+
 def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     if axis is None or values.ndim == 0:
         return values
