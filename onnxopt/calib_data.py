@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import sys
@@ -70,6 +71,7 @@ class CalibrationData:
         self._fingerprint: str | None = None
         self.padding = padding
         self.positions = [0, 0]  # sequence positions calibrated, and given, over the last trimmed pass
+        self._first: Feeds | None = None
 
     @property
     def num_samples(self) -> int | None:
@@ -88,6 +90,21 @@ class CalibrationData:
     def untrimmed(self) -> Iterator[Feeds]:
         """The batches with their padding, as the user gave them."""
         return self._iterate(None)
+
+    def first_batch(self) -> Feeds:
+        """The first batch with its padding (for reports and timing). A one-shot source is read ahead
+        by one raw batch, which its single pass then gets again."""
+        if self._first is None:
+            if not self.reiterable:
+                self._batches = _read_ahead(self._batches)
+            batches = self.untrimmed()
+            try:
+                self._first = next(batches)
+            except StopIteration:
+                raise OnnxoptError(f"calibration data {self.description} holds no samples", SOURCES_HINT) from None
+            finally:
+                batches.close()
+        return self._first
 
     def _iterate(self, padding: calib_padding.PaddingLayout | None) -> Iterator[Feeds]:
         seen = batches = 0
@@ -311,6 +328,21 @@ def _from_object(source, model: onnx.ModelProto, description: str, options: dict
             return source
         return CalibrationData(model, once, description=description, reiterable=False, **options)
     raise OnnxoptError(f"cannot use a {type(source).__name__} as calibration data", SOURCES_HINT)
+
+
+def _read_ahead(batches: Callable[[], Iterable[Feeds]]) -> Callable[[], Iterable[Feeds]]:
+    """A one-shot source that can be started twice: first it yields its first raw batch alone, then
+    that batch again followed by the rest; a third start reaches the original (which refuses)."""
+    source = iter(batches())
+    head = list(itertools.islice(source, 1))
+    starts = []
+
+    def replay() -> Iterable[Feeds]:
+        starts.append(1)
+        if len(starts) == 1:
+            return iter(head)
+        return itertools.chain(head, source) if len(starts) == 2 else batches()
+    return replay
 
 
 def _random_data(model: onnx.ModelProto, shapes: dict, *, batch_size: int, samples: int | None,

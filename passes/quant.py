@@ -156,6 +156,9 @@ class Quantize(Pass):
             score = load_score(self.options.eval)
         data = open_calibration(ctx.calibration, model, batch_size=self.options.batch_size,
                                 samples=self.options.samples, trim_padding=self.options.trim_padding)
+        if self.options.auto and not data.reiterable:
+            raise OnnxoptError("quant:auto reads the calibration data more than once, and this is a one-shot iterator",
+                               "pass a list, or a callable that returns a fresh iterable")
         floats = {n for n, vi in infer_value_info(model).items()
                   if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
         options = self._plan_options(self._weight_bits(ctx.ep, notes))
@@ -249,7 +252,7 @@ class Quantize(Pass):
         """(where int8 lost to float, '' if nowhere; every measurement for the report)."""
         from onnxopt.validation import speed_check
 
-        feeds = next(data.untrimmed())
+        feeds = data.first_batch()
         checks = speed_check(float_model, model, feeds, ep=ep, min_seconds=0.2, clear_win=1.15, decisive=1.2)
         lost = ", ".join(f"{c.speedup:.2f}x at batch {c.batch}, {c.threads} thread(s)" for c in checks if c.speedup < 1.0)
         return lost, [dict(dataclasses.asdict(c), speedup=c.speedup) for c in checks]
@@ -260,7 +263,7 @@ class Quantize(Pass):
         longest sentence without padding, whose values nobody reads)."""
         from onnxopt.calib_padding import longest_sample
 
-        first = next(data.untrimmed())
+        first = data.first_batch()
         if data.padding is not None:
             return longest_sample(first, data.padding)
         return {k: v[:samples] for k, v in first.items()}

@@ -432,3 +432,17 @@ def test_a_bad_eval_function_is_one_clear_error(digits_model, tmp_path, option, 
     with pytest.raises(OnnxoptError, match=message):
         onnxopt.optimize(str(digits_model), "quant:" + option.format(scorer=scorer),
                          calibration=str(digits.calibration_npz()), compare=False)
+
+
+def test_a_one_shot_iterator_calibrates_once_and_still_gets_a_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    x = np.random.default_rng(3).standard_normal((32, 2, 6, 6)).astype(np.float32)
+    batches = ({"x": x[i:i + 8]} for i in range(0, 32, 8))
+    _, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calibration=batches, compare=False)
+    details = report.passes[0]["details"]
+    assert details["calibration_samples"] == 32 and details["worst_tensors"]  # every batch, and the report's
+    batches = ({"x": x[i:i + 8]} for i in range(0, 32, 8))
+    _, report = onnxopt.optimize(conv_net(), "quant", calibration=batches, compare=False)
+    assert report.passes[0]["details"]["speed_check"]  # timed on the first batch, read ahead
+    with pytest.raises(OnnxoptError, match="quant:auto reads the calibration data more than once"):
+        onnxopt.optimize(conv_net(), "quant:auto=true", calibration=iter([{"x": x}]), compare=False)
