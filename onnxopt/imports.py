@@ -15,7 +15,7 @@ def import_object(spec: str, purpose: str, hint: str):
     and end with `hint` when the module has no such name."""
     module_name, _, attribute = spec.rpartition(":")
     if not module_name or not attribute:
-        raise OnnxoptError(f"'{spec}' does not name a {purpose} function", "write package.module:function or file.py:function")
+        raise OnnxoptError(f"'{spec}' for {purpose} is not module:function", "write package.module:function or file.py:function")
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)

@@ -61,7 +61,7 @@ def load_score(spec: str) -> Callable:
     """The user's scoring function, imported before any work so that a wrong name fails at once."""
     from onnxopt.imports import import_object
 
-    return import_object(spec, "the eval", "name a function that takes an onnxruntime.InferenceSession "
+    return import_object(spec, "quant:auto's eval", "name a function that takes an onnxruntime.InferenceSession "
                                            "and returns a score (higher is better)")
 
 

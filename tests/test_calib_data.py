@@ -115,7 +115,7 @@ def test_a_module_beside_the_user_imports_without_pythonpath(tmp_path, monkeypat
     (tmp_path / "beside_user_xyz.py").write_text("def f():\n    return 7\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    assert import_object("beside_user_xyz:f", "the eval", "")() == 7
+    assert import_object("beside_user_xyz:f", "a test", "")() == 7
     monkeypatch.delitem(sys.modules, "beside_user_xyz")
 
 

@@ -421,7 +421,8 @@ def test_auto_with_a_user_eval_function_meets_its_budget(digits_model, tmp_path,
 @pytest.mark.parametrize("option,message", [
     ("auto=true,eval={scorer}:broken", "eval function .*:broken failed on the float model: KeyError"),
     ("auto=true,eval={scorer}:nope", "has no attribute 'nope'"),
-    ("auto=true,eval=no_such_module_xyz:f", "cannot import 'no_such_module_xyz' for the eval"),
+    ("auto=true,eval=no_such_module_xyz:f", "cannot import 'no_such_module_xyz' for quant:auto's eval"),
+    ("auto=true,eval=justtext", "'justtext' for quant:auto's eval is not module:function"),
     ("eval={scorer}:broken", "eval is the accuracy measure of auto mode: add auto=true"),
 ])
 def test_a_bad_eval_function_is_one_clear_error(digits_model, tmp_path, option, message):
