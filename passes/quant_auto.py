@@ -61,8 +61,8 @@ def load_score(spec: str) -> Callable:
     """The user's scoring function, imported before any work so that a wrong name fails at once."""
     from onnxopt.imports import import_object
 
-    return import_object(spec, "quant:auto's eval", "name a function that takes an onnxruntime.InferenceSession "
-                                           "and returns a score (higher is better)")
+    return import_object(spec, "quant:auto's eval",
+                         "name a function that takes an onnxruntime.InferenceSession and returns a score (higher is better)")
 
 
 def score_drop(float_model: onnx.ModelProto, score: Callable, spec: str) -> tuple[ErrorOf, str]:

@@ -73,17 +73,15 @@ def correct_biases(model: onnx.ModelProto, plan: Plan, means: dict[str, np.ndarr
         holder = _bias_of(node, view)
         if params is None or mean is None or holder is None:
             continue
-        weight = view.constant(node.input[1]).astype(np.float64)
+        weight = view.constant(node.input[1])
+        error = dequantize_weight(quantize_weight(weight, params), params) - weight.astype(np.float64)
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            weight = weight.T
-        if mean.shape != (weight.shape[0],):
+            error = error.T  # [K, N] like MatMul's
+        if mean.shape != (error.shape[0],):
             continue
         if node.input[0] in smooth:
             mean = mean / smooth[node.input[0]]
-        dequantized = dequantize_weight(quantize_weight(view.constant(node.input[1]), params), params)
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            dequantized = dequantized.T
-        shift = mean @ (dequantized - weight)
+        shift = mean @ error
         holder_node, index = holder
         bias = view.constant(holder_node.input[index])
         name = names(holder_node.input[index] + "_corrected")
