@@ -9,7 +9,8 @@ random-normal images). Each quantization runs in a fresh process (bench/_quant_c
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
 cache. Then, in this process, all candidates and fp32 are timed alternately (round robin) with ORT
 on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32 median / candidate median
-(> 1 is faster). Accuracy: MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and
+(> 1 is faster). The row "fp32, 2nd session" is the fp32 file in a second session, timed like a
+candidate: how far it strays from 1.00x is this run's timing noise. Accuracy: MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and
 nearest-neighbour agreement on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement
 with fp32 on 64 other random-normal images. ORT's static quantizer runs after quant_pre_process when
 that succeeds (retried with auto_merge; skipped if both fail). onnxsim's quantizers run after
@@ -37,6 +38,9 @@ PEERS = ["ort-dynamic", "ort-dynamic-pc", "ort-static-minmax", "ort-static-perce
          "onnxsim-static-minmax", "onnxsim-static-percentile", "onnxsim-static-entropy", "onnxsim-dynamic"]
 OURS = ["onnxopt", "onnxopt-dynamic"]
 ort.set_default_logger_severity(3)
+
+
+NOISE_ROW = "fp32, 2nd session"
 
 
 def case(name: str) -> dict:
@@ -149,9 +153,11 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
     quantized = quantize_all(name, spec, tools, workdir)
     paths = {"fp32": str(spec["path"])} | {k: v["path"] for k, v in quantized.items() if not v.get("error")}
     rounds = tuple(max(3, r // 3) for r in spec["rounds"]) if quick else spec["rounds"]
-    timings = measure(paths, spec["eval"], rounds)
+    # The fp32 file in a second session, timed like a candidate: its ratios are this run's noise floor.
+    timings = measure(paths | {NOISE_ROW: paths["fp32"]}, spec["eval"], rounds)
     accuracy = evaluate(paths, spec["eval"], spec["accuracy"])
-    rows = {"fp32": {"timing": timings["fp32"], "accuracy": accuracy["fp32"]}}
+    rows = {"fp32": {"timing": timings["fp32"], "accuracy": accuracy["fp32"]},
+            NOISE_ROW: {"timing": timings[NOISE_ROW], "accuracy": accuracy["fp32"]}}
     for tool, info in quantized.items():
         rows[tool] = {**info, "timing": timings.get(tool), "accuracy": accuracy.get(tool)}
     return rows
@@ -213,8 +219,10 @@ def targets(results: dict) -> list[str]:
         drop = (fp["accuracy"]["top1"] - r["accuracy"]["top1"]) * 100
         check("digits top-1 within 0.5 points", drop <= 0.5, f"{drop:+.2f} points")
         slowest = min(fp["timing"][k] / r["timing"][k] for k in fp["timing"])
-        check("digits never slower than fp32 (b1/b8 x 1/2 threads)", slowest >= 0.97,
-              f"slowest {slowest:.2f}x (same-model noise is about +-3%)")
+        noise = results["digits"][NOISE_ROW]["timing"]
+        noise_low = min(fp["timing"][k] / noise[k] for k in fp["timing"])
+        check("digits never slower than fp32 (b1/b8 x 1/2 threads)", slowest >= min(0.97, noise_low),
+              f"slowest {slowest:.2f}x; fp32 against itself read {noise_low:.2f}x at worst in this run")
     if "resnet" in results and not results["resnet"]["onnxopt"].get("error"):
         r, base = results["resnet"]["onnxopt"], results["resnet"]["fp32"]["timing"]
         check("ResNet >= 3.4x at b8, 1 thread", base["b8_1t"] / r["timing"]["b8_1t"] >= 3.4,

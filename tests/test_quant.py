@@ -270,8 +270,9 @@ def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_
     from models import minilm
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
-    model, report = _quantize(minilm_model, minilm.calibration_npz(), f"quant:method={method},samples=32",
-                              verify="none")
+    # keep_if_slower=false: this checks that calibration completes, not how fast the machine is today
+    spec = f"quant:method={method},samples=32,keep_if_slower=false"
+    model, report = _quantize(minilm_model, minilm.calibration_npz(), spec, verify="none")
     assert report.passes[-1]["details"]["method"] == method
     feeds = minilm.evaluation_feeds(50)
     cosine = float(np.mean(np.sum(_minilm_embeddings(onnx.load(minilm_model), feeds)
