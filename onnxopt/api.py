@@ -39,9 +39,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, *,
     if output is not None:
         _check_output(Path(output), input_path, in_place)
     original = load_model(input_path) if input_path else model
-    feeds = None
+    feeds, feeds_note = None, None
     if compare or verify == "numeric":
-        feeds = _feeds(original, data, shapes)
+        feeds, feeds_note = _feeds(original, data, shapes, calibration)
     ctx = PassContext(ep=ep, sample_inputs=[feeds] if feeds else None, calibration=calibration)
     manager = PassManager(pipeline, verify=verify, ctx=ctx)
     spec = passes if isinstance(passes, str) else ",".join(p.name for p in pipeline)
@@ -60,7 +60,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, *,
     report = Report(pipeline=spec, input=str(input_path) if input_path else None,
                     output=str(output) if output else None, ep=ep, original=manager.input_stats,
                     optimized=manager.stats(optimized), passes=[r.to_dict() for r in manager.records],
-                    notes=list(manager.notes))
+                    notes=list(manager.notes) + ([feeds_note] if feeds_note else []))
     if compare and feeds is not None:
         _compare(original, optimized, feeds, report, ep, ep_fallback, runs, threads)
     if output is not None:
@@ -83,13 +83,30 @@ def _check_output(output: Path, input_path: Path | None, in_place: bool) -> None
     check_writable(output)
 
 
-def _feeds(model: onnx.ModelProto, data, shapes) -> dict:
+def _feeds(model: onnx.ModelProto, data, shapes, calibration) -> tuple[dict, str | None]:
+    """Inputs to compare the models on, and a note when they are not the user's `data`: without
+    `data` or `shapes`, stored calibration data (a file, folder or dict) is real input of the right
+    shapes, which generated inputs of a dynamic-shaped model cannot be."""
     if isinstance(data, dict):
         check_feeds(data, model, "the given data")
-        return data
+        return data, None
     if data is not None:
-        return load_data(data, model)
-    return generate_inputs(model, shapes)
+        return load_data(data, model), None
+    if not shapes and _is_stored(calibration):
+        from .calib_data import open_calibration
+
+        feeds = open_calibration(calibration, model).first_batch()
+        samples = len(next(iter(feeds.values()))) if feeds else 0
+        return feeds, (f"compared on the first calibration batch ({samples} samples); "
+                       "pass --data for held-out inputs")
+    return generate_inputs(model, shapes), None
+
+
+def _is_stored(calibration) -> bool:
+    if isinstance(calibration, dict):
+        return True
+    return isinstance(calibration, (str, os.PathLike)) and os.fspath(calibration) != "random" \
+        and Path(calibration).exists()
 
 
 def _compare(original, optimized, feeds, report: Report, ep, ep_fallback, runs, threads) -> None:

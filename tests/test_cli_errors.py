@@ -281,6 +281,20 @@ def test_data_npz_works(demo, capsys):
     assert "max abs error" in out
 
 
+def test_calibration_data_stands_in_for_shapes(demo, capsys):
+    """`-p quant --calib data.npz` on a dynamic-batch model needs no --shape: the comparison runs on
+    real calibration inputs, and the report says so."""
+    rc, out, err = cli(capsys, demo, "-p", "fold,quant:keep_if_slower=false", *FAST, "--calib", DEMO_INPUTS)
+    assert rc == 0, err
+    assert "compared on the first calibration batch" in out and "max abs error" in out
+
+
+def test_shape_still_wins_over_calibration_data(demo, capsys):
+    rc, out, err = cli(capsys, demo, "-p", "fold", *FAST, *SHAPE, "--calib", DEMO_INPUTS)
+    assert rc == 0, err
+    assert "compared on the first calibration batch" not in out
+
+
 @pytest.mark.parametrize("case, fragments", [
     ("missing", ["data file not found", "missing.npz"]),
     ("no-input", ["has no array for input 'image'", "inputs are image"]),
