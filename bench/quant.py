@@ -7,20 +7,22 @@ Every tool gets the same fp32 model and the same calibration samples (MiniLM: 16
 padded to 128 tokens; digits: 200 training images; ResNet-18-like net with random weights: 32
 random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
-cache. Then, in this process, all candidates and fp32 are timed alternately (round robin) with ORT
-on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32 median / candidate median
-(> 1 is faster). The row "fp32, 2nd session" is the fp32 file in a second session, timed like a
-candidate: how far it strays from 1.00x is this run's timing noise. Accuracy: MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and
-nearest-neighbour agreement on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement
-with fp32 on 64 other random-normal images. ORT's static quantizer runs after quant_pre_process when
-that succeeds (retried with auto_merge; skipped if both fail). onnxsim's quantizers run after
-onnxsim.simplify (on a raw export they quantize nothing). onnxopt runs fold,fuse,quant with its
-defaults, speed guard and SQNR report included in its time.
+cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
+each round) with ORT on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32
+median / candidate median (> 1 is faster). The row "fp32, 2nd session" is the fp32 file in a second
+session, timed like a candidate: how far it strays from 1.00x is this run's timing noise. Accuracy:
+MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and nearest-neighbour agreement
+on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement with fp32 on 64 other
+random-normal images. ORT's static quantizer runs after quant_pre_process when that succeeds
+(retried with auto_merge; skipped if both fail). onnxsim's quantizers run after onnxsim.simplify (on
+a raw export they quantize nothing). onnxopt runs fold,fuse,quant with its defaults, speed guard and
+SQNR report included in its time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -115,8 +117,10 @@ def session(path: str, threads: int) -> ort.InferenceSession:
 
 
 def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int]) -> dict:
-    """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds."""
+    """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds, in an order shuffled
+    each round: on a 0.1 ms model a fixed order alone moved one copy of fp32 1.1-1.3x from another."""
     timings: dict[str, dict[str, float]] = {k: {} for k in paths}
+    rng = random.Random(0)
     for threads in (1, 2):
         sessions = {k: session(p, threads) for k, p in paths.items()}
         for batch, n_rounds in zip((1, 8), rounds):
@@ -125,7 +129,8 @@ def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int]) -> dict
                 s.run(None, sliced)
             samples = {k: [] for k in sessions}
             for _ in tqdm(range(n_rounds), desc=f"timing b{batch} {threads}t", unit="round", leave=False):
-                for k, s in sessions.items():
+                for k in rng.sample(list(sessions), len(sessions)):
+                    s = sessions[k]
                     start = time.perf_counter()
                     s.run(None, sliced)
                     samples[k].append((time.perf_counter() - start) * 1e3)
