@@ -59,7 +59,7 @@ def case(name: str) -> dict:
 
         images, labels = digits.heldout()
         return {"path": digits.build(), "calib": digits.calibration_npz(), "eval": {"image": images},
-                "rounds": (300, 200), "extra": [], "accuracy": lambda outs: _top1(outs, labels)}
+                "rounds": (3000, 2000), "extra": [], "accuracy": lambda outs: _top1(outs, labels)}
     if name == "resnet":
         from models import resnet
 
