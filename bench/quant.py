@@ -118,7 +118,7 @@ def session(path: str, threads: int) -> ort.InferenceSession:
 
 def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int]) -> dict:
     """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds, in an order shuffled
-    each round: on a 0.1 ms model a fixed order alone moved one copy of fp32 1.1-1.3x from another."""
+    each round so that no candidate always runs right after the same neighbour."""
     timings: dict[str, dict[str, float]] = {k: {} for k in paths}
     rng = random.Random(0)
     for threads in (1, 2):
