@@ -103,10 +103,15 @@ def _feeds(model: onnx.ModelProto, data, shapes, calibration) -> tuple[dict, str
 
 
 def _is_stored(calibration) -> bool:
+    """A dict or a path (a missing one too, so that it fails as missing calibration data); not
+    "random" and not a `module:function`, whose function would run twice."""
+    from .calib_data import CALLABLE_SPEC
+
     if isinstance(calibration, dict):
         return True
-    return isinstance(calibration, (str, os.PathLike)) and os.fspath(calibration) != "random" \
-        and Path(calibration).exists()
+    if not isinstance(calibration, (str, os.PathLike)) or os.fspath(calibration) == "random":
+        return False
+    return Path(calibration).exists() or not CALLABLE_SPEC.fullmatch(os.fspath(calibration))
 
 
 def _compare(original, optimized, feeds, report: Report, ep, ep_fallback, runs, threads) -> None:

@@ -49,7 +49,7 @@ Feeds = dict[str, np.ndarray]
 RANDOM_SAMPLES = 32
 SOURCES_HINT = ("pass an .npz, a directory of .npy/.pb files or test_data_set_* folders, "
                 "MODULE:FUNCTION, or 'random'")
-_CALLABLE_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")
+CALLABLE_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")
 
 
 class CalibrationData:
@@ -219,7 +219,7 @@ def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, sample
             data = _random_data(model, shapes or {}, **options)
         elif Path(text).exists():
             data = _from_path(Path(text), model, options)
-        elif _CALLABLE_SPEC.fullmatch(text):
+        elif CALLABLE_SPEC.fullmatch(text):
             data = _from_object(import_object(text, "calibration data", "name the function that yields feed dicts"),
                                 model, text, options)
         else:

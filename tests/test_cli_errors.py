@@ -289,6 +289,11 @@ def test_calibration_data_stands_in_for_shapes(demo, capsys):
     assert "compared on the first calibration batch" in out and "max abs error" in out
 
 
+def test_missing_calibration_file_is_named_before_shapes(demo, tmp_path, capsys):
+    rc, _, err = cli(capsys, demo, "-p", "fold,quant", *FAST, "--calib", tmp_path / "missing.npz")
+    assert_one_line_error(rc, err, "calibration data not found", "missing.npz")
+
+
 def test_shape_still_wins_over_calibration_data(demo, capsys):
     rc, out, err = cli(capsys, demo, "-p", "fold", *FAST, *SHAPE, "--calib", DEMO_INPUTS)
     assert rc == 0, err
