@@ -92,26 +92,15 @@ def _feeds(model: onnx.ModelProto, data, shapes, calibration) -> tuple[dict, str
         return data, None
     if data is not None:
         return load_data(data, model), None
-    if not shapes and _is_stored(calibration):
-        from .calib_data import open_calibration
+    if calibration is not None and not shapes:
+        from .calib_data import is_stored, open_calibration
 
-        feeds = open_calibration(calibration, model).first_batch()
-        samples = len(next(iter(feeds.values()))) if feeds else 0
-        return feeds, (f"compared on the first calibration batch ({samples} samples); "
-                       "pass --data for held-out inputs")
+        if is_stored(calibration):
+            feeds = open_calibration(calibration, model).first_batch()
+            samples = len(next(iter(feeds.values()))) if feeds else 0
+            return feeds, (f"compared on the first calibration batch ({samples} samples); "
+                           "pass --data for held-out inputs")
     return generate_inputs(model, shapes), None
-
-
-def _is_stored(calibration) -> bool:
-    """A dict or a path (a missing one too, so that it fails as missing calibration data); not
-    "random" and not a `module:function`, whose function would run twice."""
-    from .calib_data import CALLABLE_SPEC
-
-    if isinstance(calibration, dict):
-        return True
-    if not isinstance(calibration, (str, os.PathLike)) or os.fspath(calibration) == "random":
-        return False
-    return Path(calibration).exists() or not CALLABLE_SPEC.fullmatch(os.fspath(calibration))
 
 
 def _compare(original, optimized, feeds, report: Report, ep, ep_fallback, runs, threads) -> None:

@@ -49,7 +49,7 @@ Feeds = dict[str, np.ndarray]
 RANDOM_SAMPLES = 32
 SOURCES_HINT = ("pass an .npz, a directory of .npy/.pb files or test_data_set_* folders, "
                 "MODULE:FUNCTION, or 'random'")
-CALLABLE_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")
+_CALLABLE_SPEC = re.compile(r"[\w./\\-]+:[A-Za-z_]\w*")
 
 
 class CalibrationData:
@@ -219,7 +219,7 @@ def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, sample
             data = _random_data(model, shapes or {}, **options)
         elif Path(text).exists():
             data = _from_path(Path(text), model, options)
-        elif CALLABLE_SPEC.fullmatch(text):
+        elif _CALLABLE_SPEC.fullmatch(text):
             data = _from_object(import_object(text, "calibration data", "name the function that yields feed dicts"),
                                 model, text, options)
         else:
@@ -228,6 +228,16 @@ def open_calibration(source, model: onnx.ModelProto, batch_size: int = 8, sample
         data = _from_object(source, model, getattr(source, "__name__", type(source).__name__), options)
     data.check_first_batch()
     return data
+
+
+def is_stored(source) -> bool:
+    """Whether `source` is data held in a dict or at a path (a missing path too: opening it says it
+    is missing), as opposed to "random" or a `module:function` whose function runs on each open."""
+    if isinstance(source, dict):
+        return True
+    if not isinstance(source, (str, os.PathLike)) or os.fspath(source) == "random":
+        return False
+    return Path(source).exists() or not _CALLABLE_SPEC.fullmatch(os.fspath(source))
 
 
 def _batch_limit(model: onnx.ModelProto, batch_size: int) -> int:

@@ -19,7 +19,7 @@ class Latency:
     median_ms: float
     p90_ms: float
     runs: int
-    best_ms: float = float("nan")
+    best_ms: float
 
 
 @dataclasses.dataclass
@@ -150,15 +150,16 @@ def _time_pair(sessions, feeds, threads: int, batch: int, min_seconds: float, de
     the fastest run is the steadiest estimate of what each model costs (as `timeit` advises). A loss
     that is not decisive is timed once more before it counts, since it can make the caller give up
     a model."""
+    def best(*latencies: dict[str, Latency]) -> SpeedCheck:
+        return SpeedCheck(threads, batch, *(min(t[label].best_ms for t in latencies)
+                                            for label in ("reference", "candidate")))
+
     if decisive:
-        quick = measure_latency(sessions, feeds, runs=3, warmup=1, min_seconds=0)
-        check = SpeedCheck(threads, batch, quick["reference"].best_ms, quick["candidate"].best_ms)
+        check = best(measure_latency(sessions, feeds, runs=3, warmup=1, min_seconds=0))
         if max(check.speedup, 1 / check.speedup) >= decisive:
             return check
-    latency = measure_latency(sessions, feeds, runs=5, warmup=0 if decisive else 1, min_seconds=min_seconds)
-    check = SpeedCheck(threads, batch, latency["reference"].best_ms, latency["candidate"].best_ms)
+    first = measure_latency(sessions, feeds, runs=5, warmup=0 if decisive else 1, min_seconds=min_seconds)
+    check = best(first)
     if check.speedup < 1.0:
-        again = measure_latency(sessions, feeds, runs=5, warmup=0, min_seconds=min_seconds)
-        check = SpeedCheck(threads, batch, min(check.reference_ms, again["reference"].best_ms),
-                           min(check.candidate_ms, again["candidate"].best_ms))
+        check = best(first, measure_latency(sessions, feeds, runs=5, warmup=0, min_seconds=min_seconds))
     return check
