@@ -1,13 +1,14 @@
 """onnxopt: an ONNX model-compression compiler built around a pass manager."""
 from .errors import OnnxoptError, PassFailedError
 from .options import option
-from .pass_api import Pass, PassContext, PassResult
+from .pass_api import Pass, PassContext, PassResult, Reference
 from .registry import register
+from .table import Table
 
 __version__ = "0.1.0"
 
-__all__ = ["OnnxoptError", "Pass", "PassContext", "PassFailedError", "PassResult", "option", "optimize",
-           "register", "__version__"]
+__all__ = ["OnnxoptError", "Pass", "PassContext", "PassFailedError", "PassResult", "Reference", "Table", "option",
+           "optimize", "register", "__version__"]
 
 
 def optimize(model, passes, **kwargs):

@@ -5,66 +5,75 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
+from .data import RepresentativeData, load_feeds, validate_feeds
 from .errors import OnnxoptError, PassFailedError
-from .inputs import check_feeds, generate_inputs, load_data
-from .manager import PassManager, Verify
-from .model_io import check_writable, load_model, save_model
-from .pass_api import Pass, PassContext
+from .inputs import generate_inputs
+from .manager import PassManager
+from .model_io import check_writable, external_data_files, load_model, save_model
+from .pass_api import Pass, PassContext, Reference
 from .pipeline import build_pipeline, parse_spec
 from .registry import load_plugin
 from .report import Report
 from .runtime import effective_ep, make_session
-from .stats import model_stats
+from .settings import RunSettings
 from .validation import compare_outputs, measure_latency, run
 
 
-def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, *,
-             output: str | os.PathLike | None = None, in_place: bool = False, ep: str = "cpu",
-             ep_fallback: bool = False, data: str | os.PathLike | dict | None = None,
-             shapes: dict[str, tuple[int, ...]] | None = None, runs: int = 50, compare: bool = True,
-             verify: Verify = "structure", threads: int | None = None, plugins: tuple[str, ...] = (),
-             calibration: Any = None, external_data: bool | None = None) -> tuple[onnx.ModelProto, Report]:
+def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, settings: RunSettings | None = None,
+             **values: Any) -> tuple[onnx.ModelProto, Report]:
     """Optimizes `model` with `passes` ("fold,fuse" or a list of specs/Pass objects).
 
-    Returns the optimized model and a Report; writes the model to `output` (atomically) when given.
-    On a pass that breaks the model, raises PassFailedError after writing the last good model to
-    `output`, so nothing done before it is lost.
+    Run settings are `RunSettings` fields, as keywords (`output=`, `calib=`, `shapes=`, `ep=`, ...)
+    or as a `settings` object they override. Returns the optimized model and a Report; writes the
+    model to `output` (atomically) and the JSON report to `report` when given. On a pass that breaks
+    the model, raises PassFailedError after writing the last good model to `output`, so nothing
+    done before it is lost.
     """
-    for plugin in plugins:
+    if "calibration" in values:  # the keyword's name before run settings were declared in one place
+        values["calib"] = values.pop("calibration")
+    settings = RunSettings.build(values, "optimize()", base=settings)
+    for plugin in settings.plugins:
         load_plugin(plugin)
     pipeline = _pipeline(passes)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    if output is not None:
-        _check_output(Path(output), input_path, in_place)
+    output = Path(settings.output) if settings.output is not None else None
     original = load_model(input_path) if input_path else model
+    check_outputs(settings, input_path, external_data_files(original))
+    data = RepresentativeData(settings.calib, settings.shapes) if settings.calib is not None else None
+    train = RepresentativeData(settings.train, settings.shapes) if settings.train is not None else None
     feeds, feeds_note = None, None
-    if compare or verify == "numeric":
-        feeds, feeds_note = _feeds(original, data, shapes, calibration)
-    ctx = PassContext(ep=ep, sample_inputs=[feeds] if feeds else None, calibration=calibration)
-    manager = PassManager(pipeline, verify=verify, ctx=ctx)
-    spec = passes if isinstance(passes, str) else ",".join(p.name for p in pipeline)
+    if settings.compare or settings.verify == "numeric":
+        feeds, feeds_note = _feeds(original, settings, data or train)
+    comparing = settings.compare and feeds is not None
     # Without a comparison the input is not needed after the first pass: holding it would keep a
-    # second copy of a large model alive for the whole run.
+    # second copy of a large model alive for the whole run (a pass that asks reloads it from its file).
+    reference = Reference(original) if comparing or input_path is None else Reference(path=input_path)
+    ctx = PassContext(ep=settings.ep, sample_inputs=None if feeds is None else [feeds], data=data, train=train,
+                      reference=reference)
+    manager = PassManager(pipeline, verify=settings.verify, ctx=ctx)
+    spec = passes if isinstance(passes, str) else ",".join(p.name for p in pipeline)
     pending = [original]
-    if not (compare and feeds is not None):
-        del original
+    del original
     try:
         optimized = manager.run(pending.pop())
     except PassFailedError as exc:
         if output is not None and exc.last_good is not None:
-            save_model(exc.last_good, output, external_data)
+            save_model(exc.last_good, output, settings.external_data)
             exc.hint = f"the model before that pass was written to {output}"
         raise
     report = Report(pipeline=spec, input=str(input_path) if input_path else None,
-                    output=str(output) if output else None, ep=ep, original=manager.input_stats,
+                    output=str(output) if output else None, ep=settings.ep, original=manager.input_stats,
                     optimized=manager.stats(optimized), passes=[r.to_dict() for r in manager.records],
                     notes=list(manager.notes) + ([feeds_note] if feeds_note else []))
-    if compare and feeds is not None:
-        _compare(original, optimized, feeds, report, ep, ep_fallback, runs, threads)
+    if comparing:
+        _compare(reference.model, optimized, feeds, report, settings)
     if output is not None:
-        save_model(optimized, output, external_data)
+        save_model(optimized, output, settings.external_data)
+    if settings.report is not None:
+        report.write_json(settings.report)
     return optimized, report
 
 
@@ -77,36 +86,95 @@ def _pipeline(passes: str | list) -> list[Pass]:
     return built
 
 
-def _check_output(output: Path, input_path: Path | None, in_place: bool) -> None:
-    if input_path is not None and output.exists() and input_path.exists() and output.samefile(input_path) and not in_place:
-        raise OnnxoptError(f"output {output} is the input model", "choose another -o, or pass --in-place to overwrite it")
-    check_writable(output)
+def check_outputs(settings: RunSettings, input_path: Path | None, external: list[Path] = (),
+                  other_inputs: tuple[tuple[str, Path], ...] = ()) -> None:
+    """Before any work: every output can be written, and none is a file the run reads (the model,
+    its external data, the sample or representative data, a plugin), except the model itself under
+    `in_place`. Writing one would destroy an input."""
+    inputs = [("the input model", input_path)] if input_path else []
+    inputs += [("the input model's external data", f) for f in external] + list(other_inputs)
+    named = (("data", settings.data), ("calib", settings.calib), ("train", settings.train))
+    inputs += [(f"the {name} file", Path(value)) for name, value in named
+               if isinstance(value, (str, os.PathLike)) and Path(value).is_file()]
+    inputs += [(f"a file of the {name} folder", f) for name, value in named[1:] for f in _files_below(value)]
+    inputs += [("the plugin", Path(p)) for p in settings.plugins]
+    outputs = []
+    if settings.output is not None:
+        output = Path(settings.output)
+        outputs += [("output", output), ("the output's external data", output.with_name(f"{output.name}.data"))]
+    if settings.report is not None:
+        outputs.append(("report", Path(settings.report)))
+    for index, (label, path) in enumerate(outputs):
+        for other_label, other in outputs[:index]:
+            if _same_file(path, other):
+                raise OnnxoptError(f"{label} {path} is also the {other_label}", "write them to different files")
+        for what, source in inputs:
+            if not _same_file(path, source):
+                continue
+            if label == "the output's external data" and settings.in_place:
+                continue  # replacing the input in place: save_model keeps its data until the new model is in place
+            if label == "output" and what == "the input model":
+                if settings.in_place:
+                    continue
+                raise OnnxoptError(f"output {path} is the input model", "choose another -o, or pass --in-place to overwrite it")
+            raise OnnxoptError(f"{label} {path} is {what} ({source})", f"choose another path for the {label}")
+        if label != "the output's external data":
+            check_writable(path)
 
 
-def _feeds(model: onnx.ModelProto, data, shapes, calibration) -> tuple[dict, str | None]:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _files_below(source) -> list[Path]:
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        return []
+    return [f for f in Path(source).rglob("*") if f.is_file()]
+
+
+def _feeds(model: onnx.ModelProto, settings: RunSettings, data: RepresentativeData | None) -> tuple[dict, str | None]:
     """Inputs to compare the models on, and a note when they are not the user's `data`: without
-    `data` or `shapes`, stored calibration data (a file, folder or dict) is real input of the right
-    shapes, which generated inputs of a dynamic-shaped model cannot be."""
-    if isinstance(data, dict):
-        check_feeds(data, model, "the given data")
-        return data, None
-    if data is not None:
-        return load_data(data, model), None
-    if calibration is not None and not shapes:
-        from .calib_data import is_stored, open_calibration
-
-        if is_stored(calibration):
-            feeds = open_calibration(calibration, model).first_batch()
-            samples = len(next(iter(feeds.values()))) if feeds else 0
-            return feeds, (f"compared on the first calibration batch ({samples} samples); "
-                           "pass --data for held-out inputs")
-    return generate_inputs(model, shapes), None
+    `data` or `shapes`, stored representative (or else training) data, a file, folder or dict, is
+    real input of the right shapes, which generated inputs of a dynamic-shaped model cannot be."""
+    if isinstance(settings.data, dict):
+        validate_feeds(settings.data, model, "the given data")
+        return settings.data, None
+    if settings.data is not None:
+        return load_feeds(settings.data, model), None
+    if data is not None and data.stored and not settings.shapes:
+        batches = data.batches(model, check=False)
+        feeds = batches.first_batch()
+        what = "one feed" if batches.per_entry or not feeds else f"{len(next(iter(feeds.values())))} samples"
+        source = "calibration" if settings.calib is not None else "training"
+        return feeds, f"compared on the first {source} batch ({what}); pass --data for held-out inputs"
+    return generate_inputs(model, settings.shapes), None
 
 
-def _compare(original, optimized, feeds, report: Report, ep, ep_fallback, runs, threads) -> None:
-    ep = effective_ep(ep, ep_fallback)
-    sessions = {"original": make_session(original, ep, fallback=ep_fallback, threads=threads),
-                "optimized": make_session(optimized, ep, fallback=ep_fallback, threads=threads)}
-    report.agreement = compare_outputs(run(sessions["original"], feeds), run(sessions["optimized"], feeds))
-    if runs > 0:
-        report.latency = measure_latency(sessions, feeds, runs=runs)
+def _compare(original, optimized, feeds, report: Report, settings: RunSettings) -> None:
+    ep = effective_ep(settings.ep, settings.ep_fallback)
+    sessions = {name: make_session(model, ep, fallback=settings.ep_fallback, threads=settings.threads)
+                for name, model in (("original", original), ("optimized", optimized))}
+    reference = run(sessions["original"], feeds)
+    report.notes.extend(_misdeclared_outputs(original, reference))
+    report.agreement = compare_outputs(reference, run(sessions["optimized"], feeds))
+    if settings.runs > 0:
+        report.latency = measure_latency(sessions, feeds, runs=settings.runs)
+
+
+def _misdeclared_outputs(model: onnx.ModelProto, values: list) -> list[str]:
+    """Warnings for outputs whose declared rank or fixed dims disagree with what ORT returns (the
+    comparison trusts the values)."""
+    warnings = []
+    for output, value in zip(model.graph.output, values):
+        tensor_type = output.type.tensor_type
+        if not output.type.HasField("tensor_type") or not tensor_type.HasField("shape") or value is None:
+            continue
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+        actual = list(np.shape(value))
+        if len(declared) != len(actual) or any(isinstance(d, int) and d > 0 and d != a for d, a in zip(declared, actual)):
+            warnings.append(f"warning: output '{output.name}' is declared {declared} but ONNX Runtime returns "
+                            f"{actual}; the comparison uses the values it returns")
+    return warnings

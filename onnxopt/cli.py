@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from .errors import OnnxoptError, PassFailedError
+from .errors import OnnxoptError, PassFailedError, SettingError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
-DEFAULTS = {"ep": "cpu", "runs": 50, "verify": "structure", "shapes": {}, "data": None, "threads": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,26 +26,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _optimize_parser() -> argparse.ArgumentParser:
+    from .settings import add_flags
+
     p = _Parser(prog="onnxopt", description="Optimize an ONNX model with a pipeline of passes. "
-                "Other commands: 'onnxopt passes', 'onnxopt inspect MODEL', 'onnxopt compare A B --data D'.")
+                "Other commands: 'onnxopt passes', 'onnxopt settings', 'onnxopt inspect MODEL', 'onnxopt compare A B --data D', "
+                "'onnxopt distill TEACHER --student M:F --train D'.")
     p.add_argument("model", help="input .onnx file")
     p.add_argument("-p", "--passes", help="pipeline, e.g. fold,fuse or quant:method=entropy")
-    p.add_argument("-c", "--config", help="pipeline config file (.toml or .yaml)")
-    p.add_argument("-o", "--output", help="where to write the optimized model (atomic write)")
-    p.add_argument("--in-place", action="store_true", help="allow -o to be the input file")
-    p.add_argument("--report", help="write the report as JSON to this path")
-    p.add_argument("--data", help="sample inputs: .npz named by input, or a test_data_set_* folder")
-    p.add_argument("--calib", help="calibration data for passes that need it (quant)")
-    p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="shape of a dynamic input, e.g. input_ids=1x128")
-    p.add_argument("--ep", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime execution provider (default cpu)")
-    p.add_argument("--ep-fallback", action="store_true", help="warn and use CPU when the EP is unavailable")
-    p.add_argument("--runs", type=int, help="timed runs per model (default 50; 0 skips timing)")
-    p.add_argument("--threads", type=int, help="ORT intra-op threads for timing")
-    p.add_argument("--verify", choices=["none", "structure", "numeric"], help="check after each pass (default structure)")
-    p.add_argument("--no-compare", action="store_true", help="skip running the models under ORT")
+    p.add_argument("-c", "--config", help="pipeline config file (.toml or .yaml): passes and run settings")
+    add_flags(p)
     p.add_argument("--ops", action="store_true", help="show node counts by op type")
-    p.add_argument("--plugin", action="append", default=[], help="a .py file defining extra passes")
-    p.add_argument("--external-data", action="store_true", default=None, help="save weights as external data")
     p.add_argument("--debug", action="store_true", help="show tracebacks and pass logs")
     return p
 
@@ -54,13 +46,33 @@ def _simple_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that temporary files are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(name)s: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(argv, debug)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str], debug: bool) -> int:
     try:
         command = COMMANDS.get(argv[0]) if argv else None
-        return command(argv[1:]) if command else cmd_optimize(argv)
+        rc = command(argv[1:]) if command else cmd_optimize(argv)
+        sys.stdout.flush()  # a reader that left shows up here, inside the handlers, not at interpreter exit
+        return rc
     except PassFailedError as exc:
         if debug:
             raise
@@ -69,11 +81,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxoptError as exc:
         if debug:
             raise
+        if isinstance(exc, SettingError):  # name the setting as a flag: the user is on the command line
+            from .settings import RunSettings
+
+            exc.hint = f"pass {RunSettings.flag(exc.setting)} {exc.example}"
         print(f"onnxopt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("onnxopt: interrupted; nothing was written", file=sys.stderr)
+        print("onnxopt: interrupted; no output was left half-written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("onnxopt: terminated; no output was left half-written", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # `onnxopt inspect M | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MemoryError:
+        if debug:
+            raise
+        print("onnxopt: error: out of memory (the model, its inputs or a pass needed more than this machine has)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     except Exception as exc:
         if debug:
             raise
@@ -85,38 +113,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_optimize(argv: list[str]) -> int:
     from .api import optimize
-    from .inputs import parse_shapes
-    from .model_io import check_writable
     from .pipeline import load_config
     from .report import render
+    from .settings import RunSettings
 
     args = _optimize_parser().parse_args(argv)
-    if args.report:
-        check_writable(Path(args.report))
-    settings = dict(DEFAULTS)
-    passes = None
+    passes, settings = load_config(args.config) if args.config else (None, RunSettings())
+    given = {f.name: getattr(args, f.name) for f in RunSettings.fields() if getattr(args, f.name) is not None}
+    if "shapes" in given:  # --shape adds to the config's shapes
+        given["shapes"] = {**settings.shapes, **RunSettings.build({"shapes": given["shapes"]}, "--shape").shapes}
+    settings = RunSettings.build(given, "command line", base=settings)
     if args.config:
-        config = load_config(args.config)
-        passes = config.pop("passes")
-        settings.update({k: v for k, v in config.items() if k in DEFAULTS})
-    if args.passes:
-        passes = args.passes
+        from .api import check_outputs
+
+        check_outputs(RunSettings(output=settings.output, report=settings.report), None,
+                      other_inputs=(("the config", Path(args.config)),))
+    passes = args.passes or passes
     if not passes:
         raise OnnxoptError("no passes given", "use -p fold,fuse or -c pipeline.toml; 'onnxopt passes' lists them")
-    for key in ("ep", "runs", "verify", "data", "threads"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    settings["shapes"] = {**settings["shapes"], **parse_shapes(args.shape)}
-    model, report = optimize(
-        args.model, passes, output=args.output, in_place=args.in_place, ep=settings["ep"],
-        ep_fallback=args.ep_fallback, data=settings["data"], shapes=settings["shapes"], runs=settings["runs"],
-        compare=not args.no_compare, verify=settings["verify"], threads=settings["threads"],
-        plugins=tuple(args.plugin), calibration=args.calib, external_data=args.external_data)
+    _, report = optimize(args.model, passes, settings)
     print(render(report, show_ops=args.ops))
-    if args.report:
-        report.write_json(args.report)
-    if args.output:
-        print(f"\nwrote {args.output}")
+    if settings.output:
+        print(f"\nwrote {settings.output}")
     return 0
 
 
@@ -126,9 +144,13 @@ def cmd_passes(argv: list[str]) -> int:
 
     p = _simple_parser("passes", "List every registered pass with its options.")
     p.add_argument("--plugin", action="append", default=[], help="a .py file defining extra passes")
+    p.add_argument("--markdown", action="store_true", help="as the README's tables of passes and options")
     args = p.parse_args(argv)
     for plugin in args.plugin:
         load_plugin(plugin)
+    if args.markdown:
+        print(passes_markdown(all_passes()))
+        return 0
     for name, cls in all_passes().items():
         print(f"{name}: {cls.summary()}")
         for opt, tp, default, doc in describe(cls.Options):
@@ -136,10 +158,46 @@ def cmd_passes(argv: list[str]) -> int:
     return 0
 
 
+def passes_markdown(passes: dict) -> str:
+    """Two Markdown tables, from the passes' own declarations: what each pass does, and its options."""
+    from .options import describe
+
+    lines = ["| pass | what it does |", "|---|---|"]
+    lines += [f"| `{name}` | {_md(cls.summary())} |" for name, cls in passes.items()]
+    lines += ["", "| option | type | default | what it sets |", "|---|---|---|---|"]
+    for name, cls in passes.items():
+        lines += [f"| `{name}:{opt}` | {_md(tp)} | {_md(default)} | {_md(doc)} |"
+                  for opt, tp, default, doc in describe(cls.Options)]
+    return "\n".join(lines)
+
+
+def cmd_settings(argv: list[str]) -> int:
+    from .settings import describe
+
+    p = _simple_parser("settings", "List the run settings: command-line flags, config-file keys, optimize() keywords.")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
+    args = p.parse_args(argv)
+    rows = describe()
+    if args.markdown:
+        lines = ["| flag | config / Python | type | default | what it sets |", "|---|---|---|---|---|"]
+        lines += [f"| `{flag}` | `{key}`{'' if config else ' (Python only)'} | {_md(tp)} | {_md(default)} | {_md(doc)} |"
+                  for flag, key, tp, default, doc, config in rows]
+        print("\n".join(lines))
+        return 0
+    for flag, key, tp, default, doc, config in rows:
+        print(f"{flag} ({key}: {tp}{', default ' + default if default else ''}): {doc}")
+    return 0
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def cmd_inspect(argv: list[str]) -> int:
+    from . import sparsity
     from .inputs import real_inputs
     from .model_io import load_model, loaded_with_external_data
-    from .report import format_table
+    from .table import format_table
     from .stats import model_stats
 
     p = _simple_parser("inspect", "Summarize a model: opset, inputs/outputs, op histogram, parameters.")
@@ -158,6 +216,11 @@ def cmd_inspect(argv: list[str]) -> int:
     print(format_table(rows, ["", "name", "type"]))
     top = Counter(stats.ops).most_common()
     print(format_table([[op, str(n)] for op, n in top], ["op type", "count"]))
+    checks = sparsity.verify(model)
+    if checks:
+        rows = [[c.layer[-60:], c.pattern, f"{c.recorded:.3f}", "-" if c.measured is None else f"{c.measured:.3f}",
+                 "holds" if c.holds else ("layer gone" if c.measured is None else "BROKEN")] for c in checks]
+        print(format_table(rows, ["sparse layer (recorded)", "pattern", "recorded", "measured", "check"]))
     return 0
 
 
@@ -173,10 +236,12 @@ def _type(vi) -> str:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    from .inputs import generate_inputs, load_data, parse_shapes
+    from .data import load_feeds
+    from .inputs import generate_inputs, parse_shapes
     from .model_io import load_model
+    from .registry import all_passes
     from .runtime import make_session
-    from .tensor_compare import compare_tensors, render_errors
+    from .tensor_compare import compare_tensors, error_table
     from .validation import compare_outputs, run
 
     p = _simple_parser("compare", "Compare two models tensor by tensor (e.g. fp32 vs int8): worst SQNR first.")
@@ -188,16 +253,36 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--ep", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     args = p.parse_args(argv)
     reference, candidate = load_model(args.reference), load_model(args.candidate)
-    feeds = load_data(args.data, reference) if args.data else generate_inputs(reference, parse_shapes(args.shape))
-    errors = compare_tensors(reference, candidate, feeds, args.ep)
+    feeds = load_feeds(args.data, reference) if args.data else generate_inputs(reference, parse_shapes(args.shape))
+    views = {}  # where the candidate holds the reference's tensors, as the passes that rewrote it know
+    for pass_cls in all_passes().values():
+        views.update(pass_cls.tensor_views(candidate))
+    errors = compare_tensors(reference, candidate, feeds, args.ep, views=views)
     agreement = compare_outputs(run(make_session(reference, args.ep), feeds), run(make_session(candidate, args.ep), feeds))
-    print(render_errors(errors, args.top) if errors else "no tensors in common by name")
+    print(error_table(errors, "", args.top).render() if errors else "no tensors in common by name")
     top1 = f", top-1 agreement {agreement.top1 * 100:.1f}%" if agreement.top1 is not None else ""
     print(f"\noutputs: max abs error {agreement.max_abs_error:.3g}, cosine {agreement.cosine:.6f}{top1}")
     return 0
 
 
-COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect, "compare": cmd_compare}
+def cmd_distill(argv: list[str]) -> int:
+    """`onnxopt distill TEACHER.onnx --student MODULE:FUNCTION --train DATA -o OUT`: the pipeline
+    `-p distill:student=...` under its own name (the pass does the work; the core only spells its name),
+    followed by any passes given with -p (`-p fold,fuse,quant` compresses the student)."""
+    p = _simple_parser("distill", "Train a torch student of your own on the teacher's cached outputs and export it "
+                                  "to ONNX; the rest of the command line is as for optimizing.")
+    p.add_argument("--student", required=True, metavar="MODULE:FUNCTION",
+                   help="returns the torch.nn.Module to train (see docs/distill.md)")
+    p.add_argument("--with", dest="options", default="", metavar="K=V,...",
+                   help="distill options, e.g. epochs=3,lr=3e-4 (onnxopt passes lists them)")
+    p.add_argument("-p", "--passes", default="", help="passes to run on the student after it is exported")
+    args, rest = p.parse_known_args(argv)
+    spec = ",".join(filter(None, [f"distill:student={args.student}", args.options]))
+    return cmd_optimize([*rest, "-p", ",".join(filter(None, [spec, args.passes]))])
+
+
+COMMANDS = {"passes": cmd_passes, "settings": cmd_settings, "inspect": cmd_inspect, "compare": cmd_compare,
+            "distill": cmd_distill}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,3 +25,13 @@ class PassFailedError(OnnxoptError):
         self.pass_name = pass_name
         self.last_good = last_good
         self.report = report
+
+
+class SettingError(OnnxoptError):
+    """A run setting that a pass needs is missing. The hint names the setting the way the user gave
+    the others: a flag on the command line (`--calib data.npz`), a keyword in the Python API."""
+
+    def __init__(self, problem: str, setting: str, example: str):
+        super().__init__(problem, f"set {setting}={example}")
+        self.setting = setting
+        self.example = example

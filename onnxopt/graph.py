@@ -18,6 +18,14 @@ NONDETERMINISTIC_OPS = frozenset({
 })
 
 
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute, or `default` when the node does not set it."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, whichever attribute holds it (None for sparse values)."""
     for attr in node.attribute:
@@ -55,11 +63,34 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-class GraphView:
-    """Producers, consumers and constant values of one graph, computed once."""
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
-    def __init__(self, graph: onnx.GraphProto, ir_version: int = onnx.IR_VERSION):
+
+def scopes(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, GraphView]]:
+    """The main graph and every subgraph below it (If branches, Loop and Scan bodies), outermost
+    first, each with a view that sees its enclosing graphs' constants."""
+    found: list[tuple[onnx.GraphProto, GraphView]] = []
+
+    def visit(graph: onnx.GraphProto, outer: GraphView | None) -> None:
+        view = GraphView(graph, model.ir_version, outer)
+        found.append((graph, view))
+        for node in graph.node:
+            for sub in subgraphs(node):
+                visit(sub, view)
+
+    visit(model.graph, None)
+    return found
+
+
+class GraphView:
+    """Producers, consumers and constant values of one graph, computed once. A subgraph's view (an
+    If branch, a Loop body) takes its enclosing graph's view as `outer`: a weight it reads from
+    there is as constant as its own."""
+
+    def __init__(self, graph: onnx.GraphProto, ir_version: int = onnx.IR_VERSION, outer: GraphView | None = None):
         self.graph = graph
+        self.outer = outer
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -84,19 +115,25 @@ class GraphView:
         if name in self.initializers:
             return name not in self.graph_inputs
         node = self.producer.get(name)
+        if node is None and name not in self.graph_inputs and self.outer is not None:
+            return self.outer.is_constant(name)
         return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor, or None if `name` is computed at run time."""
+    def constant(self, name: str, keep: bool = True) -> np.ndarray | None:
+        """The value of a constant tensor, or None if `name` is computed at run time. With
+        `keep=False` the value is not memoized: a rewrite that reads every weight once would
+        otherwise hold a float copy of all of them."""
         if name in self._constants:
             return self._constants[name]
         if not self.is_constant(name):
             return None
+        if name not in self.initializers and name not in self.producer:
+            return self.outer.constant(name, keep)
         if name in self.initializers:
             value = numpy_helper.to_array(self.initializers[name])
         else:
             value = constant_node_value(self.producer[name])
-        if value is not None:
+        if value is not None and keep:
             self._constants[name] = value
         return value
 
@@ -139,13 +176,21 @@ class GraphView:
 
 
 class NameGenerator:
-    """Fresh tensor/node names that collide with nothing in the graph."""
+    """Fresh tensor/node names that collide with nothing in the graph, its subgraphs included."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.used = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        self.used: set[str] = set()
+        self._collect(graph)
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(i.name for i in graph.input)
         for node in graph.node:
             self.used.update(node.output)
             self.used.add(node.name)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    self._collect(sub)
 
     def __call__(self, base: str) -> str:
         name, i = base, 0
@@ -212,25 +257,29 @@ def infer_shapes_light(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {name: dims for name, dims in infer_dims(model).items() if all(d is not None for d in dims)}
 
 
+def without_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (a light copy, such as a skeleton) with its graph outputs' shapes forgotten, types
+    kept: some exports declare output shapes their graph does not compute, and inference would
+    stop at the contradiction."""
+    for output in model.graph.output:
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    return model
+
+
 def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Inferred type/shape of every tensor (graph inputs, intermediates, outputs)."""
+    """Inferred type/shape of every tensor (graph inputs, intermediates, outputs); where the declared
+    output shapes contradict the graph, they are ignored."""
+    light = skeleton(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:
-        return {}
-    graph = inferred.graph
-    return {vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(without_output_shapes(light), data_prop=True)
+        except Exception:
+            return {}
+    infos = {}
+    for graph, _ in scopes(inferred):  # subgraphs' tensors too (names are unique across scopes)
+        infos.update({vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)})
+    return infos
 
-
-def add_initializer(graph: onnx.GraphProto, value: np.ndarray, name: str) -> None:
-    """Appends `value` as an initializer, building it in place: appending a finished TensorProto
-    copies it, which for folded weights of hundreds of MB is most of the cost."""
-    value = np.asarray(value)
-    if value.dtype.kind not in "fiub" or value.dtype.byteorder == ">" or value.dtype == np.float16:
-        graph.initializer.append(numpy_helper.from_array(value, name))
-        return
-    tensor = graph.initializer.add()
-    tensor.name = name
-    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    tensor.dims.extend(value.shape)
-    tensor.raw_data = np.ascontiguousarray(value).tobytes()

@@ -1,4 +1,4 @@
-"""Model inputs for validation and timing: generated from the input signature or read from files.
+"""Model inputs generated from the input signature (for validation and timing when no data is given).
 
 Generated values are plausible rather than meaningful: floats ~ N(0, 1); integer inputs named like a
 mask are ones, like token types zeros, other integers (token ids, indices) small non-negative values
@@ -6,12 +6,10 @@ so that any Gather/Embedding stays in range.
 """
 from __future__ import annotations
 
-import zipfile
-from pathlib import Path
+import os
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import OnnxoptError
 
@@ -76,14 +74,34 @@ def generate_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] |
                            f"inputs are {', '.join(i.name for i in real_inputs(model))}"
                            + (f"; dynamic dims are {', '.join(sorted(dim_names))}" if dim_names else ""))
     rng = np.random.default_rng(seed)
-    feeds = {}
+    planned = {}
     for vi in real_inputs(model):
         if not vi.type.HasField("tensor_type"):
             raise OnnxoptError(f"input '{vi.name}' is not a tensor", "pass its values with --data")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        shape = input_shape(vi, shapes)
-        feeds[vi.name] = _values(vi.name.lower(), dtype, shape, rng)
-    return feeds
+        planned[vi.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)),
+                            input_shape(vi, shapes))
+    need = sum(int(np.prod(shape, dtype=object)) * dtype.itemsize for dtype, shape in planned.values())
+    available = available_memory()
+    if available is not None and need > available // 2:  # the model's own activations need room too
+        listed = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, (_, shape) in planned.items())
+        raise OnnxoptError(f"the sample inputs would take {need / 2**30:.1f} GB ({listed}); this machine has "
+                           f"{available / 2**30:.1f} GB available", "give a smaller --shape")
+    return {name: _values(name.lower(), dtype, shape, rng) for name, (dtype, shape) in planned.items()}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux: MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _values(name: str, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -97,47 +115,3 @@ def _values(name: str, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.G
         return rng.integers(0, 100, size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
 
-
-def load_data(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Feeds from an .npz of arrays named like the inputs, or a `test_data_set_*` folder of .pb tensors."""
-    path = Path(path)
-    names = [i.name for i in real_inputs(model)]
-    if path.is_dir():
-        files = sorted(path.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]))
-        if not files:
-            raise OnnxoptError(f"{path} holds no input_*.pb tensors", "pass an .npz or a test_data_set_* folder")
-        feeds = {}
-        for name, file in zip(names, files):
-            tensor = onnx.TensorProto()
-            tensor.ParseFromString(file.read_bytes())
-            feeds[name] = numpy_helper.to_array(tensor)
-    elif path.suffix == ".npz" and path.is_file():
-        feeds = {k: v for k, v in read_npz(path).items() if k in names}
-    else:
-        raise OnnxoptError(f"data file not found or not .npz: {path}", "pass an .npz named by input")
-    check_feeds(feeds, model, str(path))
-    return feeds
-
-
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise OnnxoptError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0][:100]})",
-                           "write it with numpy.savez") from None
-
-
-def check_feeds(feeds: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> None:
-    """Every input present, with its element type and rank; raises one clear line otherwise."""
-    for vi in real_inputs(model):
-        if vi.name not in feeds:
-            raise OnnxoptError(f"{where} has no array for input '{vi.name}'",
-                               f"inputs are {', '.join(i.name for i in real_inputs(model))}")
-        want = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        got = feeds[vi.name]
-        if got.dtype != want:
-            raise OnnxoptError(f"{where}: input '{vi.name}' is {got.dtype}, the model wants {want}")
-        rank = len(vi.type.tensor_type.shape.dim)
-        if vi.type.tensor_type.HasField("shape") and got.ndim != rank:
-            raise OnnxoptError(f"{where}: input '{vi.name}' has rank {got.ndim}, the model wants rank {rank}")

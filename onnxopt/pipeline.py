@@ -7,12 +7,13 @@ text without `=` stays in the value before it (`eval=package.module:function`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
 from .errors import OnnxoptError
-from .options import build_options, convert
+from .options import build_options
 from .pass_api import Pass
 from .registry import get_pass
+from .settings import RunSettings
 
 PassSpec = tuple[str, dict[str, Any]]
 
@@ -56,13 +57,15 @@ def build_pipeline(specs: list[PassSpec] | str) -> list[Pass]:
     return passes
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Reads a pipeline config (TOML or YAML): `passes` plus optional run settings.
+def load_config(path: str | Path) -> tuple[list[PassSpec], RunSettings]:
+    """Reads a pipeline config (TOML or YAML): `passes` plus any run setting a config may hold
+    (see `RunSettings`; the command line's flags override them).
 
     ```toml
     passes = ["fold", "fuse", { name = "quant", method = "entropy" }]
     ep = "cpu"
     runs = 50
+    calib = "calib.npz"
     [shapes]
     input_ids = "1x128"
     ```
@@ -86,30 +89,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise OnnxoptError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(config, dict):
         raise OnnxoptError(f"{path} must hold a table/mapping at the top level")
-    config["passes"] = _config_passes(config.get("passes"), path)
-    return _checked_settings(config, path)
-
-
-# Run settings a config file may carry, with their types (command-line flags override them).
-SETTINGS = {"ep": Literal["cpu", "cuda", "tensorrt"], "runs": int, "threads": Optional[int],
-            "verify": Literal["none", "structure", "numeric"], "data": Optional[str]}
-
-
-def _checked_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    from .inputs import parse_shapes
-
-    unknown = set(config) - set(SETTINGS) - {"passes", "shapes"}
-    if unknown:
-        raise OnnxoptError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}",
-                           f"valid: passes, shapes, {', '.join(SETTINGS)}")
-    for key, tp in SETTINGS.items():
-        if key in config:
-            config[key] = convert(config[key], tp, f"{path}: {key}")
-    shapes = config.get("shapes", {})
-    if not isinstance(shapes, dict):
-        raise OnnxoptError(f"{path}: 'shapes' must be a table of NAME = \"DIMxDIM\"")
-    config["shapes"] = parse_shapes([f"{k}={v}" for k, v in shapes.items()])
-    return config
+    passes = _config_passes(config.pop("passes", None), path)
+    return passes, RunSettings.build(config, str(path), config=True)
 
 
 def _config_passes(entries: Any, path: Path) -> list[PassSpec]:

@@ -54,6 +54,9 @@ def load_plugin(path: str | Path) -> list[str]:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:  # a plugin that exits would end onnxopt silently
+        raise OnnxoptError(f"plugin {path} called sys.exit({exc.code}) while it was imported",
+                           "a plugin file should only define passes") from None
     except Exception as exc:
         raise OnnxoptError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
     names = []

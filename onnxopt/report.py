@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .model_io import check_writable
 from .stats import ModelStats
+from .tempfiles import temporary
+from .table import Table, format_table
 from .validation import Agreement, Latency
 
 
@@ -25,7 +26,6 @@ class Report:
     latency: dict[str, Latency] = dataclasses.field(default_factory=dict)
     agreement: Agreement | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
-    failed_pass: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -34,26 +34,16 @@ class Report:
         """Atomic, like model outputs."""
         path = Path(path)
         check_writable(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
+        with temporary(path.parent, f".{path.name}.") as tmp:
+            with open(tmp, "w") as f:
                 json.dump(self.to_dict(), f, indent=2, default=_jsonable)
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def _size(n: int) -> str:
@@ -109,12 +99,9 @@ def render(report: Report, show_ops: bool = False) -> str:
         parts.append(format_table([[op, str(o.ops.get(op, 0)), str(n.ops.get(op, 0)), ""] for op in ops],
                                   ["op type", "original", "optimized", ""]))
     for p in report.passes:
-        worst = p.get("details", {}).get("worst_tensors")
-        if worst:
-            from .tensor_compare import TensorError, render_errors
-
-            parts.append(f"{p['name']}: quantized activations with the worst error (SQNR on calibration data)\n"
-                         + render_errors([TensorError(**w) for w in worst]))
+        for table in p.get("tables", []):
+            table = Table(**table)
+            parts.append(dataclasses.replace(table, title=f"{p['name']}: {table.title}").render())
     skipped = [f"  {p['name']}: {s}" for p in report.passes if p["iteration"] == 1 for s in p["skipped"]]
     if skipped:
         parts.append("skipped:\n" + "\n".join(skipped[:20]) + (f"\n  ... {len(skipped) - 20} more" if len(skipped) > 20 else ""))

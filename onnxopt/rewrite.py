@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import onnx
 
-from .graph import GraphView, NameGenerator
+from .graph import GraphView, NameGenerator, scopes
 
 
 @dataclasses.dataclass
@@ -49,12 +49,27 @@ class RewriteOutcome:
         return [f"{rule}: {reason} (x{n})" for (rule, reason), n in sorted(self.skipped.items())]
 
 
+def apply_rules_everywhere(model: onnx.ModelProto, rules: list[Rule],
+                           value_info: dict[str, onnx.ValueInfoProto] | None = None) -> RewriteOutcome:
+    """`apply_rules` on the main graph and in every subgraph, innermost first: a subgraph's rewrite
+    edits only the subgraph, so the enclosing graphs its view reads constants from are still as they
+    were when it was built."""
+    outcome = RewriteOutcome()
+    names = NameGenerator(model.graph)
+    for graph, view in reversed(scopes(model)):
+        step = apply_rules(graph, rules, value_info, outer=view.outer, names=names)
+        outcome.counts.update(step.counts)
+        outcome.skipped.update(step.skipped)
+    return outcome
+
+
 def apply_rules(graph: onnx.GraphProto, rules: list[Rule],
-                value_info: dict[str, onnx.ValueInfoProto] | None = None) -> RewriteOutcome:
-    view = GraphView(graph)
+                value_info: dict[str, onnx.ValueInfoProto] | None = None, outer: GraphView | None = None,
+                names: NameGenerator | None = None) -> RewriteOutcome:
+    view = GraphView(graph, outer=outer)
     if value_info:
         view.value_info.update(value_info)
-    names = NameGenerator(graph)
+    names = names or NameGenerator(graph)
     outcome = RewriteOutcome()
     claimed: set[int] = set()
     planned: list[tuple[Match, Replacement]] = []

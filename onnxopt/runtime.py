@@ -5,9 +5,7 @@ ORT quietly runs on another provider when the one asked for fails to load; `make
 """
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -19,7 +17,7 @@ import onnxruntime as ort
 from .errors import OnnxoptError
 from .model_io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)
 
 EXECUTION_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -59,7 +57,7 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
     """An InferenceSession on `ep`, raising OnnxoptError when ORT cannot run the model there."""
     providers = resolve_providers(ep, fallback)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions: ORT printing them too makes two messages
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -88,20 +86,6 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
     return session
 
 
-def session_with_outputs(model: onnx.ModelProto, names, ep: str = "cpu") -> ort.InferenceSession:
-    """A session that also returns the tensors `names` (intermediate values, for calibration and
-    comparisons). They are added to the model's outputs only while the session is built: a copy of
-    a large model would double its memory. A name-only output is enough: ORT infers the type."""
-    outputs = model.graph.output
-    count = len(outputs)
-    present = {o.name for o in outputs}
-    outputs.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in present)
-    try:
-        return make_session(model, ep)
-    finally:
-        del outputs[count:]
-
-
 def check_runnable_opset(model: onnx.ModelProto) -> None:
     """Called when ORT refused a model: an opset older than ORT supports is the likely cause."""
     for imp in model.opset_import:
@@ -112,10 +96,14 @@ def check_runnable_opset(model: onnx.ModelProto) -> None:
             )
 
 
+def ort_message(exc: BaseException) -> str:
+    """ORT's error text on one line, without its "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :" prefix."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+
+
 def describe_ort_error(exc: BaseException) -> str:
-    """ORT's error reduced to the line that says what is wrong."""
-    text = " ".join(str(exc).split())
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    """ORT's refusal of a model reduced to the line that says what is wrong."""
+    text = ort_message(exc)
     missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", text)
     if missing:
         return f"ONNX Runtime has no kernel for op {missing.group(1)} (version {missing.group(2)}) on this provider"
@@ -127,22 +115,3 @@ def describe_ort_error(exc: BaseException) -> str:
 
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
-
-
-@functools.lru_cache(maxsize=1)
-def int8_products_saturate() -> bool:
-    """Whether ORT's uint8 x int8 GEMMs can saturate on this CPU.
-
-    x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 by s8 with `vpmaddubsw`, which adds each pair
-    of products into a saturating int16: 2 x 255 x 127 overflows it, so large activations meeting
-    large weights come out wrong. VNNI (`avx512_vnni`, `avx_vnni`) accumulates in int32, and ARM's
-    kernels do not pair-saturate. 7-bit weights (|q| <= 63) keep every pair inside int16.
-    Where the flags cannot be read on x86, assume the worst.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return True
-    return not ({"avx512_vnni", "avx_vnni"} & set(flags))

@@ -1,9 +1,11 @@
-"""Tensor-by-tensor comparison of two models on the same inputs (where does a quantized model lose accuracy?).
+"""Tensor-by-tensor comparison of two models on the same inputs (where does a compressed model lose accuracy?).
 
-Tensors are matched by name. When the candidate quantizes a tensor T (QuantizeLinear(T) followed by a
-DequantizeLinear), the candidate's side is the dequantized value, so the error measured is the one
-its readers actually see. SQNR = 10 log10(sum(ref^2) / sum((ref - cand)^2)) dB: higher is better,
-~40 dB is near-lossless int8, below ~20 dB a tensor is hurting.
+Tensors are matched by name. A pass that changes how a tensor is represented (quantization keeps
+T as QuantizeLinear -> DequantizeLinear) tells the comparison where the candidate holds T's value
+through a `TensorView`: the candidate tensor, and a divisor to undo (None for none). Passes offer
+views with `Pass.tensor_views`; the comparison itself knows no technique.
+SQNR = 10 log10(sum(ref^2) / sum((ref - cand)^2)) dB: higher is better, ~40 dB is near-lossless
+int8, below ~20 dB a tensor is hurting.
 """
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .runtime import session_with_outputs
+from .graph import infer_value_info, scopes
+from .fetch import fetching_session
+from .table import Table
 from .validation import run
+
+TensorView = tuple[str, "np.ndarray | None"]
 
 
 @dataclasses.dataclass
@@ -24,54 +30,36 @@ class TensorError:
     cosine: float
 
 
-def _dequantized_views(model: onnx.ModelProto) -> dict[str, tuple[str, np.ndarray | None]]:
-    """T -> (the output of a DequantizeLinear fed by QuantizeLinear(T), the divisor to undo).
-
-    A smoothed activation is quantized as QuantizeLinear(Mul(T, 1/s)): its DequantizeLinear yields
-    T / s, so the comparison multiplies it back by s (divides by the Mul's constant)."""
-    from .graph import GraphView
-
-    view = GraphView(model.graph, model.ir_version)
-    q_of: dict[str, tuple[str, np.ndarray | None]] = {}
-    for node in model.graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        source, divisor = node.input[0], None
-        mul = view.producer.get(source)
-        if mul is not None and mul.op_type == "Mul" and view.single_consumer(source) is node:
-            constant = next((i for i in (1, 0) if view.constant(mul.input[i]) is not None), None)
-            if constant is not None:
-                source, divisor = mul.input[1 - constant], view.constant(mul.input[constant])
-        q_of[node.output[0]] = (source, divisor)
-    views = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in q_of:
-            source, divisor = q_of[node.input[0]]
-            views.setdefault(source, (node.output[0], divisor))
-    return views
-
-
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    from .graph import infer_value_info
-
     return {n for n, vi in infer_value_info(model).items()
             if vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
 
 
+def _values(model: onnx.ModelProto) -> set[str]:
+    """Names of the model's inputs and of what its nodes compute, in subgraphs too."""
+    names = {i.name for i in model.graph.input}
+    for graph, _ in scopes(model):
+        names.update(o for node in graph.node for o in node.output)
+    return names
+
+
 def _run_all(model: onnx.ModelProto, names: list[str], feeds, ep: str) -> dict[str, np.ndarray]:
-    session = session_with_outputs(model, names, ep)
-    return dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
+    session, fetch = fetching_session(model, names, ep)
+    values = dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
+    return {name: values[fetch[name]] for name in names if fetch.get(name) in values}
 
 
 def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
                     ep: str = "cpu", only: set[str] | None = None,
-                    reference_values: dict[str, np.ndarray] | None = None) -> list[TensorError]:
+                    reference_values: dict[str, np.ndarray] | None = None,
+                    views: dict[str, TensorView] | None = None) -> list[TensorError]:
     """Errors of every float tensor the two models share (or of `only` those), worst SQNR first.
     `reference_values`: the reference's tensors on `feeds`, already computed; the reference model
-    is run only when they do not cover every tensor compared."""
-    views = _dequantized_views(candidate)
-    produced = {o for n in candidate.graph.node for o in n.output} | {i.name for i in candidate.graph.input}
-    ref_names = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
+    is run only when they do not cover every tensor compared. `views`: where the candidate holds a
+    reference tensor under another name (see the module docstring)."""
+    views = views or {}
+    produced = _values(candidate)
+    ref_names = _values(reference)
     ref_names = sorted((ref_names & only) if only is not None else (ref_names & _float_tensors(reference)))
     pairs = [(t, *views.get(t, (t, None))) for t in ref_names if t in views or t in produced]
     if not pairs:
@@ -98,8 +86,8 @@ def compare_tensors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     return sorted(errors, key=lambda e: e.sqnr_db)
 
 
-def render_errors(errors: list[TensorError], limit: int = 10) -> str:
-    from .report import format_table
-
-    rows = [[e.tensor[-60:], f"{e.sqnr_db:.1f}", f"{e.max_abs_error:.3g}", f"{e.cosine:.5f}"] for e in errors[:limit]]
-    return format_table(rows, ["tensor (worst first)", "SQNR dB", "max abs err", "cosine"])
+def error_table(errors: list[TensorError], title: str, limit: int = 10) -> Table:
+    """The `limit` worst tensors as a report table."""
+    return Table(title, ["tensor (worst first)", "SQNR dB", "max abs err", "cosine"],
+                 [[e.tensor[-60:], e.sqnr_db, e.max_abs_error, e.cosine] for e in errors[:limit]],
+                 formats=["", ".1f", ".3g", ".5f"])

@@ -1,7 +1,7 @@
 """Comparing and timing two models under ONNX Runtime.
 
 Latency is measured alternately (A, B, A, B...) in one process so that both see the same machine
-state; medians and p90 are reported, and speed checks decide on the best run. Agreement is max abs
+state; medians and p90 are reported (the speed guard, `guard.py`, decides on the best run). Agreement is max abs
 error and cosine over each output, plus top-1 agreement for outputs shaped like classifier scores
 [batch, classes].
 """
@@ -12,6 +12,10 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+# what session.run raises for a feed or state it cannot run (a wrong shape, memory it cannot get)
+ORT_ERRORS = (_ort_state.Fail, _ort_state.InvalidArgument, _ort_state.RuntimeException)
 
 
 @dataclasses.dataclass
@@ -33,12 +37,45 @@ class Agreement:
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    wanted = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    """The session's outputs on `feeds`; ORT's refusal (a shape it cannot take, memory it cannot get)
+    becomes one line naming the inputs given and the shapes the model declares."""
+    inputs = session.get_inputs()
+    wanted = {i.name for i in inputs}
+    try:
+        return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    except RuntimeError as exc:  # ORT's Python API has no numpy type for bfloat16, float8, int4...
+        from .errors import OnnxoptError
+
+        raise OnnxoptError(f"ONNX Runtime's Python API cannot pass this model's tensors ({exc})",
+                           "bfloat16, float8 and int4 inputs or outputs cannot be compared from Python: "
+                           "pass --no-compare (and --verify structure)") from exc
+    except ORT_ERRORS as exc:
+        from .errors import OnnxoptError
+        from .runtime import ort_message
+
+        given = ", ".join(f"{i.name} {list(np.shape(feeds[i.name]))} (model: {i.shape})" for i in inputs if i.name in feeds)
+        raise OnnxoptError(f"ONNX Runtime could not run the model on these inputs: {ort_message(exc)[:300]}",
+                           f"inputs given: {given}") from exc
 
 
-def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Agreement:
-    """Worst agreement over all outputs."""
+def tensors_of(outputs: list) -> list[np.ndarray]:
+    """The outputs as a flat list of arrays: a sequence output (a list) gives its length and its
+    elements, an empty optional (None) a marker."""
+    flat = []
+    for value in outputs:
+        if value is None:
+            flat.append(np.array("<none>"))
+        elif isinstance(value, (list, tuple)):
+            flat.append(np.array(len(value)))  # the length is part of the value
+            flat.extend(np.asarray(v) for v in value)
+        else:
+            flat.append(np.asarray(value))
+    return flat
+
+
+def compare_outputs(reference: list, candidate: list) -> Agreement:
+    """Worst agreement over all outputs (sequence outputs element by element)."""
+    reference, candidate = tensors_of(reference), tensors_of(candidate)
     if len(reference) != len(candidate):
         return Agreement(float("inf"), 0.0)
     worst = Agreement(0.0, 1.0)
@@ -53,8 +90,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
             continue
         a = ref.astype(np.float64).ravel()
         b = out.astype(np.float64).ravel()
-        both_nan = np.isnan(a) & np.isnan(b)
-        a, b = a[~both_nan], b[~both_nan]
+        agree = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))  # the same NaN or infinity
+        a, b = a[~agree], b[~agree]
         if a.size:
             worst.max_abs_error = max(worst.max_abs_error, float(np.max(np.abs(a - b))))
             norm = np.linalg.norm(a) * np.linalg.norm(b)
@@ -66,8 +103,8 @@ def compare_outputs(reference: list[np.ndarray], candidate: list[np.ndarray]) ->
     return worst
 
 
-def reference_scale(outputs: list[np.ndarray]) -> float:
-    return max((float(np.max(np.abs(o))) for o in outputs
+def reference_scale(outputs: list) -> float:
+    return max((float(np.max(np.abs(o))) for o in tensors_of(outputs)
                 if np.issubdtype(np.asarray(o).dtype, np.number) and np.asarray(o).size), default=0.0)
 
 
@@ -94,72 +131,3 @@ def measure_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, 
         label: Latency(float(np.median(times)), float(np.percentile(times, 90)), len(times), float(np.min(times)))
         for label, times in samples.items()
     }
-
-
-@dataclasses.dataclass
-class SpeedCheck:
-    threads: int
-    batch: int
-    reference_ms: float
-    candidate_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.reference_ms / self.candidate_ms if self.candidate_ms else float("inf")
-
-
-def speed_check(reference, candidate, feeds: dict[str, np.ndarray], batches=(1, 8), threads=(1, 2),
-                ep: str = "cpu", min_seconds: float = 0.3, clear_win: float | None = None,
-                decisive: float | None = None) -> list[SpeedCheck]:
-    """Times two models alternately for each thread count and batch size (sliced from `feeds`).
-
-    With `clear_win`, larger batches are not timed at a thread count where the smallest batch is at
-    least that much faster: a GEMM-bound model's gain grows with the batch. With `decisive`, a
-    configuration is first timed over 3 rounds and measured further only when neither model is
-    that many times faster than the other.
-    Each thread count opens one session per model (two alive at a time, so a large model's memory
-    stays bounded), from files written once: no serialized copy of either model stays in memory.
-    """
-    import tempfile
-    from pathlib import Path
-
-    from .model_io import save_model
-    from .runtime import make_session
-
-    available = min(len(v) for v in feeds.values()) if feeds else 1
-    sizes = sorted({min(b, available) for b in batches})
-    checks = []
-    with tempfile.TemporaryDirectory(prefix="onnxopt_speed_") as tmp:
-        paths = [m if isinstance(m, (str, Path)) else save_model(m, Path(tmp) / f"{label}.onnx")
-                 for label, m in (("reference", reference), ("candidate", candidate))]
-        for n_threads in threads:
-            sessions = {"reference": make_session(paths[0], ep, threads=n_threads),
-                        "candidate": make_session(paths[1], ep, threads=n_threads)}
-            for batch in sizes:
-                sliced = {k: v[:batch] for k, v in feeds.items()}
-                check = _time_pair(sessions, sliced, n_threads, batch, min_seconds, decisive)
-                checks.append(check)
-                if clear_win and check.speedup >= clear_win:
-                    break
-            del sessions
-    return checks
-
-
-def _time_pair(sessions, feeds, threads: int, batch: int, min_seconds: float, decisive: float | None) -> SpeedCheck:
-    """Best-of-runs times of both sessions: other processes on the machine only ever add time, so
-    the fastest run is the steadiest estimate of what each model costs (as `timeit` advises). A loss
-    that is not decisive is timed once more before it counts, since it can make the caller give up
-    a model."""
-    def best(*latencies: dict[str, Latency]) -> SpeedCheck:
-        return SpeedCheck(threads, batch, *(min(t[label].best_ms for t in latencies)
-                                            for label in ("reference", "candidate")))
-
-    if decisive:
-        check = best(measure_latency(sessions, feeds, runs=3, warmup=1, min_seconds=0))
-        if max(check.speedup, 1 / check.speedup) >= decisive:
-            return check
-    first = measure_latency(sessions, feeds, runs=5, warmup=0 if decisive else 1, min_seconds=min_seconds)
-    check = best(first)
-    if check.speedup < 1.0:
-        check = best(first, measure_latency(sessions, feeds, runs=5, warmup=0, min_seconds=min_seconds))
-    return check

@@ -1,4 +1,4 @@
-"""Graph cleanup steps shared by the folding pass: dead code, identities, duplicates.
+"""Graph cleanup steps of the folding pass: dead code, identities, duplicates, chains.
 
 Each step takes a GraphProto, edits it in place and returns how many things it removed. Tensors that
 a subgraph (If/Loop/Scan body) reads from the outer scope are never renamed: the body would lose them.
@@ -13,15 +13,11 @@ import numpy as np
 import onnx
 
 from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, NameGenerator, has_subgraph, subgraph_inputs
+from onnxopt.surgery import outer_scope_names, remove_nodes
 
 SINK = "__graph_outputs__"
 
 
-def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names |= subgraph_inputs(node)
-    return names
 
 
 def remove_dead_nodes(graph: onnx.GraphProto) -> int:
@@ -41,7 +37,7 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> int:
             flow.add_edge(_index(view, producer), SINK)
     live = nx.ancestors(flow, SINK)
     dead = [node for index, node in enumerate(graph.node) if index not in live]
-    _remove_nodes(graph, dead)
+    remove_nodes(graph, dead)
     return len(dead)
 
 
@@ -51,16 +47,6 @@ def _index(view: GraphView, node: onnx.NodeProto) -> int:
     return view._node_index[id(node)]
 
 
-def remove_unused_initializers(graph: onnx.GraphProto) -> int:
-    used = {name for node in graph.node for name in node.input} | outer_scope_names(graph)
-    used |= {o.name for o in graph.output}
-    unused = [t for t in graph.initializer if t.name not in used]
-    for tensor in unused:
-        graph.initializer.remove(tensor)
-    inputs = {i.name for i in graph.input}
-    for value in [v for v in graph.value_info if v.name in {t.name for t in unused} - inputs]:
-        graph.value_info.remove(value)
-    return len(unused)
 
 
 def remove_identities(graph: onnx.GraphProto, elem_types: dict[str, int] | None = None) -> int:
@@ -83,7 +69,7 @@ def remove_identities(graph: onnx.GraphProto, elem_types: dict[str, int] | None 
         else:
             _rename(graph, {dst: src})
         removed.append(node)
-    _remove_nodes(graph, removed)
+    remove_nodes(graph, removed)
     return len(removed)
 
 
@@ -144,7 +130,7 @@ def eliminate_duplicates(graph: onnx.GraphProto) -> int:
             continue
         node_mapping.update(zip(node.output, first.output))
         duplicates.append(node)
-    _remove_nodes(graph, duplicates)
+    remove_nodes(graph, duplicates)
     return merged_tensors + len(duplicates)
 
 
@@ -167,13 +153,6 @@ def _rename(graph: onnx.GraphProto, mapping: dict[str, str], producers: bool = F
             vi.name = mapping[vi.name]
 
 
-def _remove_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    if not nodes:
-        return
-    doomed = {id(n) for n in nodes}
-    kept = [n for n in graph.node if id(n) not in doomed]
-    del graph.node[:]
-    graph.node.extend(kept)
 
 
 def merge_reshape_chains(graph: onnx.GraphProto) -> int:
@@ -232,14 +211,3 @@ def _insert_axes(layout: list[str], axes: np.ndarray) -> list[str]:
     for i in range(rank):
         out.append("new" if i in positions else next(source))
     return out
-
-
-def replace_nodes(model: onnx.ModelProto, replacements: dict[int, onnx.NodeProto], domain: str | None = None) -> None:
-    """Swaps nodes (keyed by id() of the old node) in place, imports `domain` if the new nodes need it,
-    and drops the initializers nothing reads any more."""
-    rebuilt = [replacements.get(id(n), n) for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(rebuilt)
-    if replacements and domain and not any(o.domain == domain for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    remove_unused_initializers(model.graph)

@@ -19,9 +19,11 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
-from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, add_initializer, has_subgraph, infer_dims, infer_value_info
+from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_dims, infer_value_info
+from onnxopt.surgery import add_initializer, constants_to_initializers, remove_nodes, remove_unused_initializers
 
 from . import cleanup
+from .control_flow import fold_subgraphs, inline_constant_ifs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,10 @@ class FoldOptions:
 
 
 class FoldConstants(Pass):
-    """Fold constant subgraphs (shape arithmetic included); remove dead, identity and duplicate nodes."""
+    """Fold constant subgraphs ahead of time (one ORT session; per node with the reference evaluator as
+    fallback), turn Shape/Size of statically shaped tensors into constants, inline an If whose condition is
+    constant, move Constant nodes to initializers, remove dead nodes, Identity and inference-mode Dropout,
+    merge equal initializers and identical nodes."""
 
     name = "fold"
     Options = FoldOptions
@@ -55,6 +60,8 @@ class FoldConstants(Pass):
         folded, reasons = fold_constant_nodes(model, self.options.max_folded_mb)
         counts["nodes folded"] = folded
         skipped.extend(reasons)
+        counts["constant Ifs inlined"] = inline_constant_ifs(model)
+        counts.update(fold_subgraphs(model, self.options.max_folded_mb))
         if self.options.remove_identity:
             types = {n: vi.type.tensor_type.elem_type for n, vi in infer_value_info(model).items()
                      if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
@@ -66,7 +73,7 @@ class FoldConstants(Pass):
             ranks = {name: len(d) for name, d in infer_dims(model).items()}
             counts["unsqueeze chains merged"] = cleanup.merge_unsqueeze_chains(graph, ranks)
         counts["dead nodes removed"] = cleanup.remove_dead_nodes(graph)
-        counts["unused initializers removed"] = cleanup.remove_unused_initializers(graph)
+        counts["unused initializers removed"] = remove_unused_initializers(graph)
         prune_value_info(graph)
         counts = Counter({k: v for k, v in counts.items() if v})
         return PassResult(model, changed=bool(counts), counts=dict(counts), skipped=skipped)
@@ -90,20 +97,6 @@ def drop_legacy_initializer_inputs(model: onnx.ModelProto) -> int:
     model.graph.input.extend(kept)
     model.ir_version = 4
     return dropped
-
-
-def constants_to_initializers(graph: onnx.GraphProto) -> int:
-    """Constant nodes become initializers (sparse values are left alone)."""
-    view = GraphView(graph)
-    moved = []
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = view.constant(node.output[0])
-            if value is not None and value.dtype != object:
-                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-                moved.append(node)
-    cleanup._remove_nodes(graph, moved)
-    return len(moved)
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> int:
@@ -132,7 +125,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> int:
         if value is not None:
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
             replaced.append(node)
-    cleanup._remove_nodes(graph, replaced)
+    remove_nodes(graph, replaced)
     return len(replaced)
 
 
@@ -219,12 +212,17 @@ def _foldable(node: onnx.NodeProto, view: GraphView, constants: set[str]) -> boo
             and all(n in constants for n in inputs))
 
 
-def fold_constant_nodes(model: onnx.ModelProto, max_mb: float) -> tuple[int, list[str]]:
-    """Evaluates every node fed only by constants; returns (nodes folded, reasons for nodes left)."""
-    graph = model.graph
+def fold_constant_nodes(model: onnx.ModelProto, max_mb: float, graph: onnx.GraphProto | None = None,
+                        outer: GraphView | None = None) -> tuple[int, list[str]]:
+    """Evaluates every node fed only by constants (in `graph`, a subgraph of `model` whose enclosing
+    graphs `outer` sees, or the main graph); returns (nodes folded, reasons for nodes left)."""
+    graph = model.graph if graph is None else graph
     opset = Opset(list(model.opset_import), model.ir_version)
-    view = GraphView(graph)
+    view = GraphView(graph, model.ir_version, outer)
     constants = {name for name in view.initializers if view.is_constant(name)}
+    if outer is not None:  # weights of the enclosing graphs
+        constants |= {n for node in graph.node for n in node.input
+                      if n and n not in view.producer and view.is_constant(n)}
     foldable = []
     for node in graph.node:
         if _foldable(node, view, constants):
@@ -248,7 +246,7 @@ def fold_constant_nodes(model: onnx.ModelProto, max_mb: float) -> tuple[int, lis
     for name in needed:
         if name in values and id(view.producer[name]) in removed_ids:
             add_initializer(graph, values[name], name)
-    cleanup._remove_nodes(graph, removable)
+    remove_nodes(graph, removable)
     return len(removable), reasons
 
 
@@ -269,7 +267,7 @@ def evaluate(nodes: list[onnx.NodeProto], outputs: list[str], view: GraphView,
              opset: Opset) -> tuple[dict[str, np.ndarray], list[str]]:
     """Runs the constant nodes; falls back to one node at a time where the whole set fails."""
     try:
-        return dict(zip(outputs, _run(nodes, outputs, view, opset))), []
+        return _tensors(dict(zip(outputs, _run(nodes, outputs, view, opset)))), []
     except Exception:
         pass
     values: dict[str, np.ndarray] = {}
@@ -291,8 +289,14 @@ def evaluate(nodes: list[onnx.NodeProto], outputs: list[str], view: GraphView,
                 reasons.append(f"{node.op_type} '{node.name}': neither ORT nor the reference evaluator ran it "
                                f"({str(exc).splitlines()[0][:120]})")
                 continue
-        values.update(zip(outs, (np.asarray(r) for r in results)))
+        values.update(_tensors(dict(zip(outs, results))))
     return {k: v for k, v in values.items() if k in set(outputs)}, reasons
+
+
+def _tensors(values: dict) -> dict[str, np.ndarray]:
+    """The values that are tensors: a sequence (a list) or an optional (None) cannot become an
+    initializer, so the node computing it stays."""
+    return {k: v for k, v in values.items() if isinstance(v, np.ndarray)}
 
 
 def _model(nodes, outputs, initializers, opset) -> onnx.ModelProto:

@@ -16,18 +16,11 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
-from onnxopt.graph import GraphView, NameGenerator, infer_value_info
-from onnxopt.rewrite import Match, Replacement, apply_rules
+from onnxopt.graph import GraphView, NameGenerator, attribute, infer_value_info, scopes
+from onnxopt.rewrite import Match, Replacement, apply_rules_everywhere
+from onnxopt.surgery import remove_unused_initializers
 
-from .cleanup import remove_unused_initializers
 from .fuse_scale import ScalarIntoLinear
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class ConvBatchNorm:
@@ -47,7 +40,7 @@ class ConvBatchNorm:
 
     def check(self, match: Match, view: GraphView) -> str | None:
         conv, bn = match.values["conv"], match.values["bn"]
-        if _attr(bn, "training_mode", 0) or (len(bn.output) > 1 and any(bn.output[1:])):
+        if attribute(bn, "training_mode", 0) or (len(bn.output) > 1 and any(bn.output[1:])):
             return "BatchNormalization is in training mode"
         if view.constant(conv.input[1]) is None:
             return "weight is not constant"
@@ -63,12 +56,12 @@ class ConvBatchNorm:
         conv, bn = match.values["conv"], match.values["bn"]
         weight = view.constant(conv.input[1])
         scale, shift, mean, var = (view.constant(n).astype(np.float64) for n in bn.input[1:5])
-        s = scale / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        s = scale / np.sqrt(var + attribute(bn, "epsilon", 1e-5))
         bias = view.constant(conv.input[2]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
         if self.conv_op == "Conv":
             new_weight = weight * s.reshape((-1,) + (1,) * (weight.ndim - 1))
         else:
-            group = _attr(conv, "group", 1)
+            group = attribute(conv, "group", 1)
             per_group = weight.reshape((group, weight.shape[0] // group) + weight.shape[1:])
             factor = s.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
             new_weight = (per_group * factor).reshape(weight.shape)
@@ -123,7 +116,7 @@ class ChannelAffine:
                 return "weight or bias is not constant"
             channels, rank = weight.shape[0], weight.ndim
         else:
-            if any(view.constant(n) is None for n in node.input[1:5]) or _attr(node, "training_mode", 0):
+            if any(view.constant(n) is None for n in node.input[1:5]) or attribute(node, "training_mode", 0):
                 return "BatchNormalization parameters are not constant"
             channels, rank = view.constant(node.input[1]).shape[0], view.rank(node.input[0])
             if rank is None:
@@ -209,8 +202,10 @@ class FuseOptions:
 
 
 class FuseOps(Pass):
-    """Fuse Conv/ConvTranspose+BatchNormalization, per-channel Mul/Add into Conv/BN, MatMul+Add into Gemm,
-    scalar Mul/Div into the linear ops before them."""
+    """Fold BatchNormalization into the Conv/ConvTranspose before it (grouped ConvTranspose included)
+    and per-channel constant Mul/Add into the Conv/BN before them; MatMul+Add into Gemm where Gemm can
+    express it (2-D input, constant weight, row bias); a Mul/Div by a scalar constant (attention's
+    1/sqrt(d)) into the weights of the linear ops before it."""
 
     name = "fuse"
     Options = FuseOptions
@@ -227,8 +222,9 @@ class FuseOps(Pass):
         if self.options.scalar:
             rules += [ScalarIntoLinear("Mul"), ScalarIntoLinear("Div")]
         value_info = infer_value_info(model) if self.options.gemm or self.options.affine else None
-        outcome = apply_rules(model.graph, rules, value_info)
+        outcome = apply_rules_everywhere(model, rules, value_info)
         if outcome.counts:
-            remove_unused_initializers(model.graph)
+            for graph, _ in scopes(model):
+                remove_unused_initializers(graph)
         return PassResult(model, changed=bool(outcome.counts), counts=dict(outcome.counts),
                           skipped=outcome.skip_lines())

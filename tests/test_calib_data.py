@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, parse
 from onnx import numpy_helper
 
-from onnxopt.calib_data import RANDOM_SAMPLES, CalibrationData, open_calibration
+from onnxopt.data import RANDOM_SAMPLES, Batches, open_batches
 from onnxopt.errors import OnnxoptError
 
 DEMO_NPZ = ROOT / "models" / "demo_inputs.npz"
@@ -47,15 +47,15 @@ def sizes(data) -> list[int]:
 
 
 def test_npz_batches_cap_and_fingerprint(demo):
-    data = open_calibration(DEMO_NPZ, demo, batch_size=5)
-    assert isinstance(data, CalibrationData)
+    data = open_batches(DEMO_NPZ, demo, batch_size=5)
+    assert isinstance(data, Batches)
     assert data.num_samples == 16 and data.num_batches == 4
     assert sizes(data) == [5, 5, 5, 1] and sizes(data) == [5, 5, 5, 1]  # re-iterable
     reference = np.load(DEMO_NPZ)["image"]
     np.testing.assert_array_equal(np.concatenate([f["image"] for f in data]), reference)
-    capped = open_calibration(DEMO_NPZ, demo, batch_size=4, samples=6)
+    capped = open_batches(DEMO_NPZ, demo, batch_size=4, samples=6)
     assert sizes(capped) == [4, 2] and capped.num_samples == 6
-    assert data.fingerprint() == open_calibration(str(DEMO_NPZ), demo, batch_size=5).fingerprint()
+    assert data.fingerprint() == open_batches(str(DEMO_NPZ), demo, batch_size=5).fingerprint()
     assert data.fingerprint() != capped.fingerprint()
 
 
@@ -65,9 +65,9 @@ def test_npy_and_named_pb_directories_match_npz(demo, tmp_path):
     np.save(tmp_path / "npy" / "image.npy", image)
     (tmp_path / "pb").mkdir()
     (tmp_path / "pb" / "image.pb").write_bytes(numpy_helper.from_array(image, "image").SerializeToString())
-    npz = open_calibration(DEMO_NPZ, demo, batch_size=5).fingerprint()
-    assert open_calibration(tmp_path / "npy", demo, batch_size=5).fingerprint() == npz
-    assert open_calibration(tmp_path / "pb", demo, batch_size=5).fingerprint() == npz
+    npz = open_batches(DEMO_NPZ, demo, batch_size=5).fingerprint()
+    assert open_batches(tmp_path / "npy", demo, batch_size=5).fingerprint() == npz
+    assert open_batches(tmp_path / "pb", demo, batch_size=5).fingerprint() == npz
 
 
 def write_test_set(folder, arrays):
@@ -80,12 +80,12 @@ def test_test_data_sets_map_to_real_inputs_in_order(tokens, tmp_path):
     for i, seq in enumerate((5, 7)):  # one set per folder; sequence lengths differ between sets
         batch = token_batch(3, seq)
         write_test_set(tmp_path / f"test_data_set_{i}", [batch["input_ids"], batch["attention_mask"]])
-    data = open_calibration(tmp_path, tokens, batch_size=2)
+    data = open_batches(tmp_path, tokens, batch_size=2)
     shapes = [feeds["input_ids"].shape for feeds in data]
     assert shapes == [(2, 5), (1, 5), (2, 7), (1, 7)]
     assert all(set(feeds) == {"input_ids", "attention_mask"} for feeds in data)  # `bias` is an initializer
     assert data.num_samples == 6
-    single = open_calibration(tmp_path / "test_data_set_1", tokens)
+    single = open_batches(tmp_path / "test_data_set_1", tokens)
     assert [f["input_ids"].shape for f in single] == [(3, 7)]
 
 
@@ -96,14 +96,14 @@ def test_callable_spec_with_variable_sequence_lengths(tokens, tmp_path, monkeypa
         "    for seq in (32, 57):\n"
         "        yield {'input_ids': np.zeros((4, seq), np.int64), 'attention_mask': np.ones((4, seq), np.int64)}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    data = open_calibration("my_calib:batches", tokens)
+    data = open_batches("my_calib:batches", tokens)
     assert [f["input_ids"].shape for f in data] == [(4, 32), (4, 57)]
-    by_file = open_calibration(f"{tmp_path / 'my_calib.py'}:batches", tokens)
+    by_file = open_batches(f"{tmp_path / 'my_calib.py'}:batches", tokens)
     assert by_file.fingerprint() == data.fingerprint()
     with pytest.raises(OnnxoptError, match="has no attribute 'nope'"):
-        open_calibration("my_calib:nope", tokens)
+        open_batches("my_calib:nope", tokens)
     with pytest.raises(OnnxoptError, match="cannot import 'no_such_module_xyz'"):
-        open_calibration("no_such_module_xyz:batches", tokens)
+        open_batches("no_such_module_xyz:batches", tokens)
 
 
 def test_a_module_beside_the_user_imports_without_pythonpath(tmp_path, monkeypatch):
@@ -121,22 +121,22 @@ def test_a_module_beside_the_user_imports_without_pythonpath(tmp_path, monkeypat
 
 def test_python_objects(tokens):
     batches = [token_batch(3, 5), token_batch(2, 9)]
-    assert sizes(open_calibration(lambda: iter(batches), tokens, batch_size=2)) == [2, 1, 2]
-    assert sizes(open_calibration(batches, tokens)) == [3, 2]
-    assert sizes(open_calibration(token_batch(5, 4), tokens, batch_size=2)) == [2, 2, 1]
-    once = open_calibration(iter(batches), tokens)
+    assert sizes(open_batches(lambda: iter(batches), tokens, batch_size=2)) == [2, 1, 2]
+    assert sizes(open_batches(batches, tokens)) == [3, 2]
+    assert sizes(open_batches(token_batch(5, 4), tokens, batch_size=2)) == [2, 2, 1]
+    once = open_batches(iter(batches), tokens)
     assert not once.reiterable and sizes(once) == [3, 2]
     with pytest.raises(OnnxoptError, match="already consumed"):
         list(once)
 
 
 def test_random_data_warns_loudly(demo, capsys):
-    data = open_calibration("random", demo, batch_size=8)
+    data = open_batches("random", demo, batch_size=8)
     err = capsys.readouterr().err
     assert "RANDOM" in err and "MEANINGLESS" in err and "--calib" in err
     assert data.num_samples == RANDOM_SAMPLES and sizes(data) == [8] * (RANDOM_SAMPLES // 8)
-    assert data.fingerprint() == open_calibration("random", demo, batch_size=8).fingerprint()  # seeded
-    assert sizes(open_calibration("random", demo, batch_size=2, samples=3)) == [2, 1]
+    assert data.fingerprint() == open_batches("random", demo, batch_size=8).fingerprint()  # seeded
+    assert sizes(open_batches("random", demo, batch_size=2, samples=3)) == [2, 1]
 
 
 def test_fixed_batch_dimension_sets_the_batch(tmp_path):
@@ -144,7 +144,7 @@ def test_fixed_batch_dimension_sets_the_batch(tmp_path):
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[1, 3] x) => (float[1, 3] y) { y = Relu(x) }
     """)
-    assert sizes(open_calibration({"x": np.zeros((4, 3), np.float32)}, model, batch_size=8)) == [1, 1, 1, 1]
+    assert sizes(open_batches({"x": np.zeros((4, 3), np.float32)}, model, batch_size=8)) == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("batch, message", [
@@ -158,16 +158,16 @@ def test_fixed_batch_dimension_sets_the_batch(tmp_path):
 ])
 def test_validation_errors(demo, batch, message):
     with pytest.raises(OnnxoptError, match=message):
-        open_calibration(batch, demo)
+        open_batches(batch, demo)
 
 
 def test_int32_is_not_cast_silently(tokens):
     with pytest.raises(OnnxoptError, match="'input_ids' is int32, the model wants int64.*does not cast"):
-        open_calibration([token_batch(2, 4, np.int32)], tokens)
+        open_batches([token_batch(2, 4, np.int32)], tokens)
 
 
 def test_a_bad_later_batch_fails_before_it_is_yielded(tokens):
-    data = open_calibration(lambda: iter([token_batch(2, 4), {"input_ids": np.zeros((2, 4), np.int64)}]), tokens)
+    data = open_batches(lambda: iter([token_batch(2, 4), {"input_ids": np.zeros((2, 4), np.int64)}]), tokens)
     seen = []
     with pytest.raises(OnnxoptError, match=r"batch 1\) has no data for input\(s\) attention_mask"):
         for feeds in data:
@@ -177,23 +177,23 @@ def test_a_bad_later_batch_fails_before_it_is_yielded(tokens):
 
 def test_empty_sources(demo, tmp_path):
     with pytest.raises(OnnxoptError, match="holds no samples"):
-        open_calibration(lambda: iter([]), demo)
+        open_batches(lambda: iter([]), demo)
     with pytest.raises(OnnxoptError, match="holds no .npy, .pb or test_data_set"):
-        open_calibration(tmp_path, demo)
+        open_batches(tmp_path, demo)
 
 
 def test_bad_paths_and_objects(demo, tmp_path):
     with pytest.raises(OnnxoptError, match="calibration data not found: .*missing.npz"):
-        open_calibration(tmp_path / "missing.npz", demo)
+        open_batches(tmp_path / "missing.npz", demo)
     (tmp_path / "broken.npz").write_bytes(b"this is not a zip archive")
-    with pytest.raises(OnnxoptError, match="cannot read calibration data .*broken.npz as .npz"):
-        open_calibration(tmp_path / "broken.npz", demo)
+    with pytest.raises(OnnxoptError, match="broken.npz is not an .npz"):
+        open_batches(tmp_path / "broken.npz", demo)
     with pytest.raises(OnnxoptError, match="bare array"):
-        open_calibration(np.zeros((2, 1, 8, 8), np.float32), demo)
+        open_batches(np.zeros((2, 1, 8, 8), np.float32), demo)
     with pytest.raises(OnnxoptError, match="is a list, not a dict"):
-        open_calibration([[1, 2]], demo)
+        open_batches([[1, 2]], demo)
     with pytest.raises(OnnxoptError, match="different numbers of samples"):
-        open_calibration({"input_ids": np.zeros((3, 4), np.int64), "attention_mask": np.zeros((2, 4), np.int64)},
+        open_batches({"input_ids": np.zeros((3, 4), np.int64), "attention_mask": np.zeros((2, 4), np.int64)},
                          parse("""<ir_version: 8, opset_import: ["" : 17]>
                                   g (int64[b, s] input_ids, int64[b, s] attention_mask) => (int64[b, s] y)
                                   { y = Add(input_ids, attention_mask) }"""))
@@ -205,7 +205,7 @@ def right_padded(lengths, width=10) -> dict[str, np.ndarray]:
 
 
 def test_padding_layout_finds_the_mask_and_its_sequence_axis(tokens, demo):
-    from onnxopt.calib_padding import PaddingLayout, padding_layout
+    from onnxopt.data.padding import PaddingLayout, padding_layout
 
     assert padding_layout(tokens) == PaddingLayout("attention_mask", ("input_ids", "attention_mask"))
     assert padding_layout(demo) is None
@@ -219,7 +219,7 @@ def test_padding_layout_finds_the_mask_and_its_sequence_axis(tokens, demo):
 
 
 def test_trim_cuts_trailing_padding_and_keeps_one_position(tokens):
-    from onnxopt.calib_padding import padding_layout, trim
+    from onnxopt.data.padding import padding_layout, trim
 
     layout = padding_layout(tokens)
     cut = trim(right_padded([3, 5, 2]), layout)
@@ -235,14 +235,14 @@ def test_trim_cuts_trailing_padding_and_keeps_one_position(tokens):
 
 def test_trimmed_calibration_batches_by_length_and_untrimmed_gives_the_data(tokens):
     lengths = [9, 2, 7, 3, 1, 8, 4]
-    data = open_calibration(right_padded(lengths), tokens, batch_size=3, samples=6, trim_padding=True)
+    data = open_batches(right_padded(lengths), tokens, batch_size=3, samples=6, trim_padding=True)
     batches = list(data)
     assert [b["attention_mask"].sum(1).tolist() for b in batches] == [[1, 2, 3], [7, 8, 9]]  # first 6, sorted
     assert [b["input_ids"].shape[1] for b in batches] == [4, 10]
     assert data.positions == [3 * 4 + 3 * 10, 6 * 10]
     assert [b["input_ids"].shape for b in data.untrimmed()] == [(3, 10), (3, 10)]
     assert [b["attention_mask"].sum(1).tolist() for b in data.untrimmed()] == [[9, 2, 7], [3, 1, 8]]
-    plain = open_calibration(right_padded(lengths), tokens, batch_size=3, samples=6)
+    plain = open_batches(right_padded(lengths), tokens, batch_size=3, samples=6)
     assert [b["input_ids"].shape for b in plain] == [(3, 10), (3, 10)]
 
 
@@ -252,7 +252,7 @@ def test_real_tokens_do_not_depend_on_trailing_padding(minilm_model):
     from conftest import ort_run
     from models import minilm
 
-    from onnxopt.calib_padding import padding_layout, trim
+    from onnxopt.data.padding import padding_layout, trim
 
     model = onnx.load(str(minilm_model))
     feeds = minilm.evaluation_feeds(8)
@@ -265,11 +265,37 @@ def test_real_tokens_do_not_depend_on_trailing_padding(minilm_model):
 
 
 def test_auto_mode_evaluates_batches_spread_over_length_sorted_data(tokens):
-    from onnxopt.passes.quant_auto import EVAL_SAMPLES, _eval_feeds
+    from onnxopt.budget import EVAL_SAMPLES, _spread_batches
 
     lengths = list(range(1, 10)) * 8  # 72 samples, 9 batches of 8 once sorted by length
-    data = open_calibration(right_padded(lengths), tokens, batch_size=8, trim_padding=True)
+    data = open_batches(right_padded(lengths), tokens, batch_size=8, trim_padding=True)
     list(data)  # a full pass, as calibration makes: the batch count is known from now on
-    chosen = _eval_feeds(data)
+    chosen = _spread_batches(data)
     assert sum(len(b["input_ids"]) for b in chosen) == EVAL_SAMPLES
     assert [int(b["attention_mask"].sum(1).max()) for b in chosen] == [3, 7]  # not the two shortest
+
+
+def test_sequence_and_optional_inputs_are_read_from_test_data_sets(tmp_path, capsys):
+    """onnx's test data writes a sequence input as a SequenceProto and an optional one as an
+    OptionalProto; --data reads them by the model's input types (onnx's node tests: sequence_*)."""
+    from onnx import helper
+
+    from onnxopt.cli import main
+    from onnxopt.data import load_feeds
+
+    seq = helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("SequenceLength", ["s"], ["n"])], "g", [seq],
+                              [helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "seq.onnx")
+    data = tmp_path / "test_data_set_0"
+    data.mkdir()
+    items = [np.ones((2, 3), np.float32), np.zeros((4,), np.float32)]
+    (data / "input_0.pb").write_bytes(numpy_helper.from_list(items, "s").SerializeToString())
+    feeds = load_feeds(data, model)
+    assert [a.shape for a in feeds["s"]] == [(2, 3), (4,)]
+    assert main([str(tmp_path / "seq.onnx"), "-p", "fold", "--data", str(data), "--runs", "2"]) == 0
+    assert "cosine" in capsys.readouterr().out
+    np.savez(tmp_path / "array.npz", s=np.ones(3, np.float32))
+    with pytest.raises(OnnxoptError, match="input 's' is a sequence, not a ndarray"):
+        load_feeds(tmp_path / "array.npz", model)

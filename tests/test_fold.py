@@ -255,3 +255,45 @@ def test_unsqueeze_chains_and_same_type_casts_collapse():
     result = run_pass(FoldConstants, model)
     assert op_types(result.model) == ["Unsqueeze"]
     assert_same_outputs(model, result.model, {"x": np.arange(5, dtype=np.int64)})
+
+
+CONSTANT_IF = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (int64[4] size) => (int64[N] r, int64[1] w1) {
+    n = Size(size)
+    four = Constant<value = int64 {4}>()
+    is_4d = Equal(n, four)
+    w = If(is_4d) <then_branch = then_g () => (int64[1] w_then) {
+                       a, b, c, w_then = Split<num_outputs = 4>(size)
+                   }, else_branch = else_g () => (int64[1] w_else) {
+                       w_else = Constant<value = int64[1] {1}>()
+                   }>
+    zero = Constant<value = int64 {0}>()
+    one = Constant<value = int64 {1}>()
+    r = Range(zero, w, one)
+    w1 = Identity(w)
+}
+"""
+
+
+def test_an_if_with_a_constant_condition_becomes_its_branch_and_range_keeps_a_scalar():
+    """Once `is_4d` folds to true, ONNX Runtime would inline the If on load and refuse Range's [1]-shaped
+    limit; fold inlines it itself and gives Range a scalar, while `w1` keeps its shape [1]."""
+    model = parse(CONSTANT_IF)
+    result = run_pass(FoldConstants, model)
+    assert "If" not in op_types(result.model) and result.counts["constant Ifs inlined"] == 1
+    assert op_types(result.model) == ["Split", "Reshape", "Range"]
+    assert_same_outputs(model, result.model, {"size": np.array([1, 1, 3, 5], np.int64)})
+
+
+def test_two_ifs_whose_branches_share_names_are_both_inlined():
+    """Branch-local names may repeat across If nodes; the second branch's are renamed as it is inlined."""
+    second = CONSTANT_IF.replace("r = Range(zero, w, one)", "r = Range(zero, w, one)\n    v = If(is_4d) <then_branch = "
+                                 "then_g2 () => (int64[1] w_then) { a, b, c, w_then = Split<num_outputs = 4>(size) }, "
+                                 "else_branch = else_g2 () => (int64[1] w_else) { w_else = Constant<value = int64[1] "
+                                 "{1}>() }>\n    v2 = Add(v, w)").replace("=> (int64[N] r, int64[1] w1)",
+                                                                        "=> (int64[N] r, int64[1] w1, int64[1] v2)")
+    model = parse(second)
+    result = run_pass(FoldConstants, model)
+    assert "If" not in op_types(result.model) and result.counts["constant Ifs inlined"] == 2
+    assert_same_outputs(model, result.model, {"size": np.array([1, 1, 3, 5], np.int64)})

@@ -35,6 +35,6 @@ def test_int8_on_cuda_is_flagged(tmp_path, monkeypatch):
     from models import digits
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
-    _, report = onnxopt.optimize(str(digits.build()), "quant", ep="cuda", calibration=str(digits.calibration_npz()),
+    _, report = onnxopt.optimize(str(digits.build()), "quant", ep="cuda", calib=str(digits.calibration_npz()),
                                  compare=False)
     assert any("fp16 is the GPU speed-up" in n for n in report.passes[0]["notes"])

@@ -51,7 +51,7 @@ def test_options_are_type_checked():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("nosuchpass", "unknown pass 'nosuchpass' (valid passes: fold, fuse"),
+    ("nosuchpass", "unknown pass 'nosuchpass' (valid passes: distill, fold, fuse"),
     ("fold:bogus=1", "pass 'fold' has no option 'bogus' (valid options: max_folded_mb, fold_shapes"),
     ("fuse:gemm=maybe", "option fuse:gemm: expected true or false, got 'maybe'"),
     ("fold:max_folded_mb", "malformed option 'max_folded_mb'"),
@@ -169,3 +169,41 @@ def test_dynamic_dims_can_be_given_by_name():
         generate_inputs(model, {"batch": (2,)})
     with pytest.raises(OnnxoptError, match="dynamic dims are batch, seq"):
         generate_inputs(model, {"nope": (2,)})
+
+
+class UnknownDomain(Pass):
+    """Test-only: moves Range into a domain nobody implements. onnx's checker lets a node of an
+    imported but unknown domain pass; ONNX Runtime cannot load it."""
+
+    name = "unknown_domain"
+
+    def run(self, model, ctx):
+        node = next(n for n in model.graph.node if n.op_type == "Range")
+        if node.domain == "test.unknown":
+            return PassResult(model, changed=False)
+        node.domain = "test.unknown"
+        model.opset_import.append(onnx.helper.make_opsetid("test.unknown", 1))
+        return PassResult(model, changed=True)
+
+
+RANGE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64 limit, int64 step) => (int64[N] r) {
+    zero = Constant<value = int64 {0}>()
+    r = Range(zero, limit, step)
+}
+"""
+
+
+@pytest.mark.parametrize("verify, check", [("none", "ONNX Runtime load"), ("structure", "")])
+def test_a_result_onnxruntime_cannot_load_blames_the_pass(verify, check):
+    """Even under --verify none: the pass is named, alone or among cleanup passes (found by rerunning them)."""
+    model = parse(RANGE)
+    with pytest.raises(PassFailedError, match=f"pass 'unknown_domain' broke the model: {check}"):
+        onnxopt.optimize(model, [UnknownDomain()], verify=verify, compare=False)
+    UnknownDomain.fixed_point = True  # now it runs in one group with fold, which checks once at its end
+    try:
+        with pytest.raises(PassFailedError, match=f"pass 'unknown_domain' broke the model: {check}"):
+            onnxopt.optimize(model, [build_pipeline("fold")[0], UnknownDomain()], verify=verify, compare=False)
+    finally:
+        UnknownDomain.fixed_point = False

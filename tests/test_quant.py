@@ -9,8 +9,9 @@ from conftest import ort_run, parse
 
 import onnxopt
 from onnxopt import OnnxoptError
-from onnxopt.passes.quant_plan import PlanOptions, build_plan, place, smoothing_factors
-from onnxopt.passes.quant_qdq import QDQInserter
+from onnxopt.graph import GraphView, NameGenerator
+from onnxopt.passes.quant.plan import PlanOptions, build_plan, place, smoothing_factors
+from onnxopt.passes.quant.qdq import QDQInserter
 
 CONV_NET = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -41,7 +42,7 @@ def floats(model):
 
 def test_placement_follows_the_op_table():
     model = conv_net()
-    nodes, tensors, skipped = place(model, PlanOptions(), floats(model))
+    nodes, tensors, skipped = place(model.graph, GraphView(model.graph), PlanOptions(), floats(model))
     assert [n.op_type for n in nodes] == ["Conv", "Relu", "MaxPool", "Flatten", "MatMul"]
     # Softmax stays float; Conv output is read by Relu unquantized (ORT folds Relu into the Q after it)
     assert tensors >= {"x", "r", "p", "f"} and "h" not in tensors and "c" in tensors
@@ -49,17 +50,17 @@ def test_placement_follows_the_op_table():
 
 def test_exclude_by_op_type_and_regex():
     model = conv_net()
-    nodes, _, skipped = place(model, PlanOptions(exclude="MatMul"), floats(model))
+    nodes, _, skipped = place(model.graph, GraphView(model.graph), PlanOptions(exclude="MatMul"), floats(model))
     assert "MatMul" not in [n.op_type for n in nodes]
     assert any("excluded" in s for s in skipped)
-    nodes, _, _ = place(model, PlanOptions(exclude="Co.*"), floats(model))
+    nodes, _, _ = place(model.graph, GraphView(model.graph), PlanOptions(exclude="Co.*"), floats(model))
     # without the Conv, Relu/MaxPool/Flatten have no quantized input to carry; the MatMul starts its own region
     assert [n.op_type for n in nodes] == ["MatMul"]
 
 
 def safe_weight_bits() -> int:
     """8-bit weights saturate ORT's u8 x s8 kernels on x86 CPUs without VNNI; 7 never does."""
-    from onnxopt.runtime import int8_products_saturate
+    from onnxopt.passes.quant.cpu import int8_products_saturate
 
     return 7 if int8_products_saturate() else 8
 
@@ -67,7 +68,7 @@ def safe_weight_bits() -> int:
 def test_qdq_rewrite_is_bounded_and_keeps_float_readers():
     model = conv_net()
     options = PlanOptions(weight_bits=safe_weight_bits())
-    nodes, tensors, _ = place(model, options, floats(model))
+    nodes, tensors, _ = place(model.graph, GraphView(model.graph), options, floats(model))
     x = np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32)
     reference = ort_run(model, {"x": x})
     # ranges from the data itself (minmax): the planner and rewrite alone, no calibration module
@@ -76,8 +77,9 @@ def test_qdq_rewrite_is_bounded_and_keeps_float_readers():
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(tensors) if t != "x")
     values = dict(zip([o.name for o in probe.graph.output], ort_run(probe, {"x": x})), x=x)
     ranges = {t: (float(values[t].min()), float(values[t].max())) for t in tensors}
-    plan = build_plan(model, nodes, tensors, ranges, options)
-    counts = QDQInserter(model).apply(plan)
+    view = GraphView(model.graph)
+    plan = build_plan(view, nodes, tensors, ranges, options)
+    counts = QDQInserter(model.graph, view, NameGenerator(model.graph)).apply(plan)
     onnx.checker.check_model(model)
     assert counts == {"activations quantized": 4, "weights quantized": 2, "biases quantized": 1}
     got = ort_run(model, {"x": x})[0]
@@ -94,28 +96,28 @@ def _int8_weights(model) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_reduce_range_keeps_weights_within_7_bits(mode):
-    from onnxopt.passes.quant_plan import weight_params
-    from onnxopt.passes.quant_qdq import quantize_weight
+    from onnxopt.passes.quant.plan import weight_params
+    from onnxopt.passes.quant.qdq import quantize_weight
 
     weight = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
     assert np.abs(quantize_weight(weight, weight_params(weight, 1, 7))).max() == 63
     spec = f"quant:mode={mode},keep_if_slower=false,reduce_range="
-    full, _ = onnxopt.optimize(conv_net(), spec + "off", calibration="random", compare=False)
-    reduced, report = onnxopt.optimize(conv_net(), spec + "on", calibration="random", compare=False)
+    full, _ = onnxopt.optimize(conv_net(), spec + "off", calib="random", compare=False)
+    reduced, report = onnxopt.optimize(conv_net(), spec + "on", calib="random", compare=False)
     assert np.abs(_int8_weights(full)).max() == 127
     assert np.abs(_int8_weights(reduced)).max() == 63
 
 
 @pytest.mark.parametrize("saturates", [True, False])
 def test_reduce_range_auto_follows_the_cpu(monkeypatch, saturates):
-    from onnxopt import runtime
+    from onnxopt.passes.quant import cpu
 
-    monkeypatch.setattr(runtime, "int8_products_saturate", lambda: saturates)
-    model, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calibration="random", compare=False)
+    monkeypatch.setattr(cpu, "int8_products_saturate", lambda: saturates)
+    model, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calib="random", compare=False)
     assert np.abs(_int8_weights(model)).max() == (63 if saturates else 127)
     assert report.passes[0]["details"]["weight_bits"] == (7 if saturates else 8)
     assert any("no VNNI" in n for n in report.passes[0]["notes"]) is saturates
-    trt, _ = onnxopt.optimize(conv_net(), "quant:profile=tensorrt", calibration="random", compare=False)
+    trt, _ = onnxopt.optimize(conv_net(), "quant:profile=tensorrt", calib="random", compare=False)
     assert np.abs(_int8_weights(trt)).max() == 127  # GPUs do not saturate
 
 
@@ -129,7 +131,7 @@ def test_smoothing_leaves_the_product_unchanged():
 
 
 def _quantize(path, calib, spec="fold,fuse,quant:keep_if_slower=false", **kwargs):
-    return onnxopt.optimize(str(path), spec, calibration=str(calib), compare=False, **kwargs)
+    return onnxopt.optimize(str(path), spec, calib=str(calib), compare=False, **kwargs)
 
 
 def test_digits_int8_keeps_accuracy(digits_model, tmp_path, monkeypatch):
@@ -177,7 +179,7 @@ def test_quantizing_twice_changes_nothing(digits_model, tmp_path, monkeypatch):
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
     once, _ = _quantize(digits_model, digits.calibration_npz())
-    twice, report = onnxopt.optimize(once, "quant:keep_if_slower=false", calibration=str(digits.calibration_npz()),
+    twice, report = onnxopt.optimize(once, "quant:keep_if_slower=false", calib=str(digits.calibration_npz()),
                                      compare=False)
     assert not report.passes[0]["changed"]
     assert "already quantized" in report.passes[0]["skipped"][0]
@@ -187,12 +189,12 @@ def test_quantizing_twice_changes_nothing(digits_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("speedups,kept_float", [((1.3, 1.1, 1.2, 1.05), False), ((1.3, 0.9, 1.2, 1.05), True)])
 def test_float_model_is_kept_when_int8_is_slower_anywhere(digits_model, tmp_path, monkeypatch, speedups, kept_float):
     from models import digits
-    from onnxopt import validation
+    from onnxopt import guard
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
-    fake = [validation.SpeedCheck(t, b, s, 1.0) for (t, b), s in zip([(1, 1), (1, 8), (2, 1), (2, 8)], speedups)]
-    monkeypatch.setattr(validation, "speed_check", lambda *a, **k: fake)
-    model, report = onnxopt.optimize(str(digits_model), "quant", calibration=str(digits.calibration_npz()),
+    fake = [guard.SpeedCheck(t, b, s, 1.0) for (t, b), s in zip([(1, 1), (1, 8), (2, 1), (2, 8)], speedups)]
+    monkeypatch.setattr(guard, "speed_check", lambda *a, **k: fake)
+    model, report = onnxopt.optimize(str(digits_model), "quant", calib=str(digits.calibration_npz()),
                                      compare=False)
     quant = report.passes[-1]
     assert quant["changed"] is not kept_float
@@ -209,16 +211,16 @@ def test_dynamic_mode_needs_no_calibration(digits_model):
 
 
 def test_missing_and_bad_calibration_data_are_clear(digits_model, tmp_path):
-    with pytest.raises(OnnxoptError, match="quant needs calibration data"):
+    with pytest.raises(OnnxoptError, match="quant needs representative data .*set calib=data.npz"):
         onnxopt.optimize(str(digits_model), "quant", compare=False)
     bad = tmp_path / "bad.npz"
     np.savez(bad, pixels=np.zeros((4, 1, 8, 8), np.float32))
     with pytest.raises(OnnxoptError, match="image"):
-        onnxopt.optimize(str(digits_model), "quant", calibration=str(bad), compare=False)
+        onnxopt.optimize(str(digits_model), "quant", calib=str(bad), compare=False)
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, image=np.zeros((4, 1, 8, 8), np.float64))
     with pytest.raises(OnnxoptError, match="float64"):
-        onnxopt.optimize(str(digits_model), "quant", calibration=str(wrong), compare=False)
+        onnxopt.optimize(str(digits_model), "quant", calib=str(wrong), compare=False)
 
 
 def test_option_validation():
@@ -283,7 +285,7 @@ def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_
 def test_int4_packing_matches_ort_matmulnbits():
     from onnx import helper, numpy_helper
 
-    from onnxopt.passes.quant_int4 import dequantize_blockwise, int4_candidates, quantize_blockwise, quantize_int4
+    from onnxopt.passes.quant.int4 import dequantize_blockwise, int4_candidates, quantize_blockwise, quantize_int4
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((96, 40)).astype(np.float32)
@@ -316,40 +318,65 @@ def test_tensorrt_profile_uses_symmetric_int8_activations(digits_model, tmp_path
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
     model, report = onnxopt.optimize(str(digits_model), "quant:profile=tensorrt",
-                                     calibration=str(digits.calibration_npz()), compare=False)
+                                     calib=str(digits.calibration_npz()), compare=False)
     zero_points = {i.input[2] for i in model.graph.node if i.op_type == "QuantizeLinear"}
     dtypes = {t.data_type for t in model.graph.initializer if t.name in zero_points}
     assert dtypes == {onnx.TensorProto.INT8}
     assert any("profile=tensorrt" in n for n in report.passes[0]["notes"])
 
 
-def test_sqnr_report_undoes_smoothing():
-    """A smoothed activation is quantized as Q(Mul(x, 1/s)): the report must compare x with DQ * s."""
-    from onnxopt.tensor_compare import compare_tensors
-
-    rng = np.random.default_rng(4)
+def relu_matmul(rng) -> onnx.ModelProto:
+    """y = Relu(x) @ W with a random 8x4 W: one activation, h, read by one MatMul weight."""
     weight = ", ".join(f"{v:.4f}" for v in rng.standard_normal(8 * 4))
-    model = parse(f"""
+    return parse(f"""
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 8] x) => (float[N, 4] y) <float[8, 4] w = {{{weight}}}> {{ h = Relu(x)
         y = MatMul(h, w) }}
     """)
+
+
+def test_sqnr_report_undoes_smoothing():
+    """A smoothed activation is quantized as Q(Mul(x, 1/s)): the report must compare x with DQ * s."""
+    from onnxopt.passes.quant import Quantize
+    from onnxopt.tensor_compare import compare_tensors
+
+    rng = np.random.default_rng(4)
+    model = relu_matmul(rng)
     x = (rng.standard_normal((64, 8)) * np.array([1, 1, 40, 1, 1, 1, 1, 0.1])).astype(np.float32)
-    quantized, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calibration={"x": x}, compare=False)
+    quantized, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calib={"x": x}, compare=False)
     quant = report.passes[0]
     assert quant["counts"]["activations smoothed"] == 1
     assert "h" in {w["tensor"] for w in quant["details"]["worst_tensors"]}
-    errors = {e.tensor: e for e in compare_tensors(model, quantized, {"x": x[:8]})}
+    errors = {e.tensor: e for e in compare_tensors(model, quantized, {"x": x[:8]},
+                                                       views=Quantize.tensor_views(quantized))}
     # the dequantized value, not the float h (inf dB), and scaled back (h / s against h: ~0 dB)
     assert 25 < errors["h"].sqnr_db < 80 and errors["h"].cosine > 0.99
     # the report's float side came from the calibration session: it must equal a fresh float run
     reported = {w["tensor"]: w["sqnr_db"] for w in quant["details"]["worst_tensors"]}
-    fresh = {e.tensor: e.sqnr_db for e in compare_tensors(model, quantized, {"x": x[:2]})}
+    fresh = {e.tensor: e.sqnr_db for e in compare_tensors(model, quantized, {"x": x[:2]},
+                                                    views=Quantize.tensor_views(quantized))}
     assert reported["h"] == pytest.approx(fresh["h"], rel=1e-6)
 
 
+def test_compare_command_sees_quantized_tensors_through_their_dequantize(tmp_path, capsys):
+    """`onnxopt compare` learns where an int8 model holds the float tensors from the quant pass."""
+    from onnxopt.cli import main
+
+    rng = np.random.default_rng(5)
+    model = relu_matmul(rng)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    quantized, _ = onnxopt.optimize(model, "quant:keep_if_slower=false", calib={"x": x}, compare=False)
+    onnx.save(model, tmp_path / "fp32.onnx")
+    onnx.save(quantized, tmp_path / "int8.onnx")
+    np.savez(tmp_path / "x.npz", x=x[:8])
+    assert main(["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"), "--data",
+                 str(tmp_path / "x.npz")]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert 20 < float(rows["h"][1]) < 80  # through its DequantizeLinear: int8 noise, not the float h (inf)
+
+
 def test_longest_sample_has_no_padding():
-    from onnxopt.calib_padding import PaddingLayout, longest_sample
+    from onnxopt.data.padding import PaddingLayout, longest_sample
 
     mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], np.int64)
     sample = longest_sample({"ids": mask * 7, "attention_mask": mask}, PaddingLayout("attention_mask", ("ids", "attention_mask")))
@@ -416,7 +443,10 @@ def test_auto_with_a_user_eval_function_meets_its_budget(digits_model, tmp_path,
     assert auto["kept_float"] and auto["error_after"] <= budget
     error = -float(np.mean(np.abs(ort.InferenceSession(mixed.SerializeToString()).run(["logits"], {"image": images})[0]
                                   - reference)))
-    assert -error == pytest.approx(auto["error_after"], rel=1e-3)  # the budget holds for the model returned
+    # The budget holds for the model returned. auto measures against the model quant received (after
+    # fold,fuse), this reference is the original: the two float models differ by ~1e-6, which is all
+    # there is to see when every layer ended up float (as on a VNNI CPU, with 8-bit weights).
+    assert -error == pytest.approx(auto["error_after"], rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.parametrize("option,message", [
@@ -433,18 +463,18 @@ def test_a_bad_eval_function_is_one_clear_error(digits_model, tmp_path, option, 
     scorer.write_text(SCORER.replace("REFERENCE", "'missing.npy'"))
     with pytest.raises(OnnxoptError, match=message):
         onnxopt.optimize(str(digits_model), "quant:" + option.format(scorer=scorer),
-                         calibration=str(digits.calibration_npz()), compare=False)
+                         calib=str(digits.calibration_npz()), compare=False)
 
 
 def test_a_one_shot_iterator_calibrates_once_and_still_gets_a_report(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
     x = np.random.default_rng(3).standard_normal((32, 2, 6, 6)).astype(np.float32)
     batches = ({"x": x[i:i + 8]} for i in range(0, 32, 8))
-    _, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calibration=batches, compare=False)
+    _, report = onnxopt.optimize(conv_net(), "quant:keep_if_slower=false", calib=batches, compare=False)
     details = report.passes[0]["details"]
     assert details["calibration_samples"] == 32 and details["worst_tensors"]  # every batch, and the report's
     batches = ({"x": x[i:i + 8]} for i in range(0, 32, 8))
-    _, report = onnxopt.optimize(conv_net(), "quant", calibration=batches, compare=False)
+    _, report = onnxopt.optimize(conv_net(), "quant", calib=batches, compare=False)
     assert report.passes[0]["details"]["speed_check"]  # timed on the first batch, read ahead
     with pytest.raises(OnnxoptError, match="quant:auto reads the calibration data more than once"):
-        onnxopt.optimize(conv_net(), "quant:auto=true", calibration=iter([{"x": x}]), compare=False)
+        onnxopt.optimize(conv_net(), "quant:auto=true", calib=iter([{"x": x}]), compare=False)

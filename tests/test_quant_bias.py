@@ -37,7 +37,7 @@ def linear(op: str) -> tuple:
 
 def _quantized(model, x, correction: bool):
     spec = f"quant:keep_if_slower=false,smooth=0,per_channel=false,bias_correction={str(correction).lower()}"
-    return onnxopt.optimize(model, spec, calibration={"x": x}, compare=False)
+    return onnxopt.optimize(model, spec, calib={"x": x}, compare=False)
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Gemm"])
@@ -70,6 +70,6 @@ def test_a_matmul_read_elsewhere_or_a_conv_is_left_alone(tmp_path, monkeypatch):
        c = Conv(image, k, kb) }}
     """)
     data = {"x": (2 + rng.random((64, 8))).astype(np.float32), "image": rng.random((64, 2, 6, 6)).astype(np.float32)}
-    _, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calibration=data, compare=False)
+    _, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calib=data, compare=False)
     counts = report.passes[0]["counts"]
     assert counts["weights quantized"] == 2 and "biases corrected" not in counts

@@ -12,10 +12,11 @@ import pytest
 from conftest import ROOT, parse
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.calib_data import open_calibration
+from onnxopt.data import open_batches
+from onnxopt.cache import Cache
 from onnxopt.errors import OnnxoptError
-from onnxopt.passes import quant_calibration as qc
-from onnxopt.passes.quant_calibration import Calibrator, TensorStats, compute_range, load_or_collect
+from onnxopt.passes.quant import calibration as qc
+from onnxopt.passes.quant.calibration import Calibrator, TensorStats, compute_range, load_or_collect
 
 rng = np.random.default_rng(0)
 NORMAL = rng.standard_normal(400_000).astype(np.float32)
@@ -187,7 +188,7 @@ def test_calibrator_matches_numpy_and_takes_inputs_from_feeds():
 
 
 def test_probe_gets_the_float_values_of_every_calibrated_tensor():
-    from onnxopt.passes.quant_calibration import Probe
+    from onnxopt.passes.quant.calibration import Probe
 
     model = small_model()
     x = rng.standard_normal((1, 3, 16)).astype(np.float32)
@@ -206,38 +207,38 @@ def test_variable_sequence_lengths_across_batches():
         { e = Gather(table, ids)  y = Relu(e) }
     """)
     calls = lambda: iter([{"ids": np.full((2, 32), 1, np.int64)}, {"ids": np.full((3, 57), 2, np.int64)}])  # noqa: E731
-    stats = Calibrator(model, ["e", "y"]).collect(open_calibration(calls, model), progress=False)
+    stats = Calibrator(model, ["e", "y"]).collect(open_batches(calls, model), progress=False)
     assert stats["e"].count == (2 * 32 + 3 * 57) * 2 and (stats["e"].min, stats["e"].max) == (-4.0, 5.0)
 
 
 def test_cache_second_call_runs_no_inference(tmp_path, monkeypatch):
     model = onnx.load(str(ROOT / "models" / "demo.onnx"))
     names = [n.output[0] for n in model.graph.node if n.op_type in ("Relu", "Gemm")]
-    data = open_calibration(ROOT / "models" / "demo_inputs.npz", model, batch_size=4)
-    first = load_or_collect(model, names, data, tmp_path, progress=False)
-    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]
+    data = open_batches(ROOT / "models" / "demo_inputs.npz", model, batch_size=4)
+    first = load_or_collect(model, names, data, Cache(tmp_path), progress=False)
+    assert [p.suffix for p in (tmp_path / "calib").iterdir()] == [".npz"]
 
     def no_inference(*args, **kwargs):
         raise AssertionError("inference ran although the stats were cached")
     monkeypatch.setattr(Calibrator, "collect", no_inference)
-    again = load_or_collect(model, reversed(names), open_calibration(ROOT / "models" / "demo_inputs.npz", model,
-                                                                    batch_size=4), tmp_path)
+    again = load_or_collect(model, reversed(names), open_batches(ROOT / "models" / "demo_inputs.npz", model,
+                                                                    batch_size=4), Cache(tmp_path))
     for name in names:
         np.testing.assert_array_equal(again[name].hist, first[name].hist)
         assert (again[name].min, again[name].max, again[name].count) == (first[name].min, first[name].max,
                                                                            first[name].count)
         for method in ("percentile", "entropy"):
             assert compute_range(again[name], method) == compute_range(first[name], method)
-    fewer = open_calibration(ROOT / "models" / "demo_inputs.npz", model, samples=8)
+    fewer = open_batches(ROOT / "models" / "demo_inputs.npz", model, samples=8)
     with pytest.raises(AssertionError, match="inference ran"):  # other data: a miss
-        load_or_collect(model, names, fewer, tmp_path)
+        load_or_collect(model, names, fewer, Cache(tmp_path))
 
 
 def test_cache_location_and_corrupt_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
-    assert qc.default_cache_dir() == tmp_path / "calib"
+    assert Cache().path(qc.CACHE_KIND, "k").parent == tmp_path / "calib"
     model = small_model()
-    data = open_calibration({"x": rng.standard_normal((4, 3, 16)).astype(np.float32)}, model)
+    data = open_batches({"x": rng.standard_normal((4, 3, 16)).astype(np.float32)}, model)
     first = load_or_collect(model, ["r"], data, progress=False)
     (entry,) = (tmp_path / "calib").iterdir()
     entry.write_bytes(b"truncated")  # unreadable: collected again and rewritten
@@ -269,7 +270,7 @@ def test_collect_memory_is_bounded_by_one_batch():
 
     peaks = []
     for count in (20, 200):
-        data = open_calibration(batches(count), model)
+        data = open_batches(batches(count), model)
         tracemalloc.start()
         Calibrator(model, ["x", "r", "y"]).collect(data, progress=False)
         peaks.append(tracemalloc.get_traced_memory()[1])

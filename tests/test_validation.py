@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import parse
 
-from onnxopt.validation import speed_check
+from onnxopt.guard import speed_check
 
 
 def chain(matmuls: int):

@@ -18,15 +18,14 @@ from onnx import numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
 
-from .quant_plan import Plan
-from .quant_qdq import dequantize_weight, quantize_weight
+from .plan import Plan
+from .qdq import dequantize_weight, quantize_weight
 
 
-def correctable(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+def correctable(view: GraphView, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     """Activation -> the quantized nodes reading it whose bias can absorb a correction: MatMul with a
     constant 2-D weight followed by a lone Add of a constant, or Gemm (no transA, alpha = beta = 1)
     with constant B and C."""
-    view = GraphView(model.graph, model.ir_version)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         if _bias_of(node, view) is not None:
@@ -60,12 +59,10 @@ def _bias_of(node: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int
     return None
 
 
-def correct_biases(model: onnx.ModelProto, plan: Plan, means: dict[str, np.ndarray],
-                   smooth: dict[str, np.ndarray]) -> int:
-    """Subtracts E[x] @ dW from each correctable bias of the plan's nodes (in place, before the QDQ
-    rewrite, which may quantize Gemm's bias afterwards); returns how many biases changed."""
-    view = GraphView(model.graph, model.ir_version)
-    names = NameGenerator(model.graph)
+def correct_biases(graph: onnx.GraphProto, view: GraphView, names: NameGenerator, plan: Plan,
+                   means: dict[str, np.ndarray], smooth: dict[str, np.ndarray]) -> int:
+    """Subtracts E[x] @ dW from each correctable bias of the plan's nodes (in `graph`, in place, before
+    the QDQ rewrite, which may quantize Gemm's bias afterwards); returns how many biases changed."""
     corrected = 0
     for node in plan.nodes:
         params = plan.weights.get(node.input[1]) if len(node.input) > 1 else None
@@ -85,7 +82,7 @@ def correct_biases(model: onnx.ModelProto, plan: Plan, means: dict[str, np.ndarr
         holder_node, index = holder
         bias = view.constant(holder_node.input[index])
         name = names(holder_node.input[index] + "_corrected")
-        model.graph.initializer.append(numpy_helper.from_array((bias - shift.reshape(bias.shape)).astype(bias.dtype), name))
+        graph.initializer.append(numpy_helper.from_array((bias - shift.reshape(bias.shape)).astype(bias.dtype), name))
         _rename_input(plan, holder_node, index, name)
         corrected += 1
     return corrected

@@ -25,29 +25,25 @@ Every range includes 0 (zero must be exact) and has hi - lo >= MIN_SPAN.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tqdm import tqdm
-
+from onnxopt.cache import Cache, key as cache_key, model_fingerprint
 from onnxopt.errors import OnnxoptError
-from onnxopt.runtime import session_with_outputs
+from onnxopt.progress import Progress, as_progress
+from onnxopt.fetch import fetching_session
+from onnxopt.graph import scopes
 
 DEFAULT_BINS = 2048
 MIN_RANGE, MAX_RANGE = 2.0**-40, 2.0**24
 MASK_LIKE = 1e6
 MIN_SPAN = 1e-7
 METHODS = ("minmax", "percentile", "entropy", "mse")
+CACHE_KIND = "calib"  # the cache folder of calibration statistics
 STATS_FORMAT = "2"  # part of the cache key: bumped when TensorStats gains a field (2: channel sums)
 # Entropy: a level with no mass under a bin that P fills (outliers folded into the last bin) gets
 # this many counts instead of 0, as TensorRT's smoothing does, so KL stays finite and comparable.
@@ -282,8 +278,10 @@ class Calibrator:
         self.runs = 0  # session.run calls, for callers and tests
         graph = model.graph
         self._inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
-        self._constants = {t.name: t for t in graph.initializer if t.name in self.names}
-        produced = {out for node in graph.node for out in node.output}
+        self._constants, produced = {}, set()
+        for scope, _ in scopes(model):  # a tensor inside an If branch or a Loop body is fetched from there
+            self._constants.update({t.name: t for t in scope.initializer if t.name in self.names})
+            produced.update(out for node in scope.node for out in node.output)
         unknown = [n for n in self.names if n not in produced | self._inputs | set(self._constants)]
         if unknown:
             raise OnnxoptError(f"tensor(s) {', '.join(unknown[:5])} not in the model",
@@ -291,22 +289,22 @@ class Calibrator:
         self._fetched = [n for n in self.names if n in produced]
         self._model, self._ep = model, ep
 
-    def collect(self, data: Iterable[dict], progress: bool = True, total: int | None = None,
+    def collect(self, data: Iterable[dict], progress: Progress | bool = True, total: int | None = None,
                 probe: Probe | None = None) -> dict[str, TensorStats]:
         stats = {name: TensorStats(self.bins, track_channels=name in self.channel_tensors) for name in self.names}
         for name, tensor in self._constants.items():
             stats[name].update(numpy_helper.to_array(tensor))
-        session = session_with_outputs(self._model, self._fetched, self._ep) if self._fetched else None
+        session, fetch = fetching_session(self._model, self._fetched, self._ep) if self._fetched else (None, {})
+        outputs_of = [fetch[n] for n in self._fetched]
         feed_names = {i.name for i in session.get_inputs()} if session else self._inputs
         total = total if total is not None else getattr(data, "num_batches", None)
-        batches = tqdm(data, total=total, desc="calibration", unit="batch", leave=False,
-                       disable=not progress or not sys.stderr.isatty())
+        batches = as_progress(progress)(data, "calibration", "batch", total)
         for feeds in batches:
             for name in self.names:
                 if name in self._inputs and name not in self._constants:
                     stats[name].update(feeds[name])
             if session is not None:
-                outputs = session.run(self._fetched, {k: v for k, v in feeds.items() if k in feed_names})
+                outputs = session.run(outputs_of, {k: v for k, v in feeds.items() if k in feed_names})
                 self.runs += 1
                 for name, value in zip(self._fetched, outputs):
                     stats[name].update(value)
@@ -315,18 +313,12 @@ class Calibrator:
             probe.values = {name: probe.feeds[name] for name in self.names if name in probe.feeds}
             if session is not None:
                 fed = {k: v for k, v in probe.feeds.items() if k in feed_names}
-                probe.values.update(zip(self._fetched, session.run(self._fetched, fed)))
+                probe.values.update(zip(self._fetched, session.run(outputs_of, fed)))
         return stats
 
 
-def default_cache_dir() -> Path:
-    """`$ONNXOPT_CACHE/calib`, else `~/.cache/onnxopt/calib`."""
-    root = os.environ.get("ONNXOPT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "onnxopt") / "calib"
-
-
-def load_or_collect(model: onnx.ModelProto, tensor_names: Iterable[str], data, cache_dir: str | Path | None = None,
-                    *, ep: str = "cpu", bins: int = DEFAULT_BINS, progress: bool = True,
+def load_or_collect(model: onnx.ModelProto, tensor_names: Iterable[str], data, cache: Cache | None = None,
+                    *, ep: str = "cpu", bins: int = DEFAULT_BINS, progress: Progress | bool = True,
                     channel_tensors: Iterable[str] = (), probe: Probe | None = None) -> dict[str, TensorStats]:
     """TensorStats from the cache when this model, data, tensor set and bin count were seen before,
     else collected (one inference pass) and stored. Data without `fingerprint()` (a plain iterable, a
@@ -335,63 +327,41 @@ def load_or_collect(model: onnx.ModelProto, tensor_names: Iterable[str], data, c
     channels = sorted(set(channel_tensors))
     if not getattr(data, "reiterable", False) or not hasattr(data, "fingerprint"):
         return Calibrator(model, names, ep, bins, channels).collect(data, progress, probe=probe)
-    key = hashlib.sha256("\n".join([STATS_FORMAT, model_fingerprint(model), data.fingerprint(), ep, str(bins), *names,
-                                    "channels", *channels]).encode()).hexdigest()
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.npz"
-    cached = _load_stats(path, names)
+    cache = cache or Cache()
+    entry = cache_key(STATS_FORMAT, model_fingerprint(model), data.fingerprint(), ep, str(bins), *names,
+                      "channels", *channels)
+    cached = cache.load(CACHE_KIND, entry, lambda arrays: _decode_stats(arrays, names, bins))
     if cached is not None:
         return cached
     stats = Calibrator(model, names, ep, bins, channels).collect(data, progress, probe=probe)
-    _save_stats(path, stats)
+    cache.save(CACHE_KIND, entry, _encode_stats(stats))
     return stats
 
 
-def model_fingerprint(model: onnx.ModelProto) -> str:
-    """sha256 of the graph and its weights, without serializing the whole (possibly > 2 GB) model."""
-    digest = hashlib.sha256()
-    for opset in model.opset_import:
-        digest.update(opset.SerializeToString())
-    graph = model.graph
-    for part in (*graph.node, *graph.input, *graph.output, *graph.sparse_initializer):
-        digest.update(part.SerializeToString())
-    for tensor in graph.initializer:
-        digest.update(f"{tensor.name}|{tensor.data_type}|{list(tensor.dims)}".encode())
-        digest.update(tensor.raw_data if tensor.raw_data else tensor.SerializeToString())
-    return digest.hexdigest()
-
-
-def _save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
-    """One .npz per key, written to a temporary file and renamed, so readers never see half a file."""
+def _encode_stats(stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
     arrays_fields = ("hist", "channel_min", "channel_max", "channel_sum")
     meta = {name: {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in arrays_fields}
             for name, s in stats.items()}
-    arrays = {f"hist_{i}": s.hist for i, s in enumerate(stats.values())}
+    arrays = {"meta": np.array(json.dumps(meta))}
     for i, s in enumerate(stats.values()):
+        arrays[f"hist_{i}"] = s.hist
         if s.channel_min is not None:
             arrays[f"cmin_{i}"], arrays[f"cmax_{i}"], arrays[f"csum_{i}"] = s.channel_min, s.channel_max, s.channel_sum
-    handle = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(handle.name, path)
-    except OSError as exc:  # a cache that cannot be written costs time, not correctness
-        if handle is not None:
-            Path(handle.name).unlink(missing_ok=True)
-        print(f"onnxopt: warning: calibration cache not written to {path.parent} ({exc})", file=sys.stderr)
+    return arrays
 
 
-def _load_stats(path: Path, names: list[str]) -> dict[str, TensorStats] | None:
-    """The cached stats, or None when absent or unreadable (then they are collected again)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"]))
-            if list(meta) != names:
-                return None
-            return {name: TensorStats(**fields, hist=archive[f"hist_{i}"],
-                                      channel_min=archive[f"cmin_{i}"] if f"cmin_{i}" in archive else None,
-                                      channel_max=archive[f"cmax_{i}"] if f"cmax_{i}" in archive else None,
-                                      channel_sum=archive[f"csum_{i}"] if f"csum_{i}" in archive else None)
-                    for i, (name, fields) in enumerate(meta.items())}
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+def _decode_stats(arrays: dict[str, np.ndarray], names: list[str], bins: int) -> dict[str, TensorStats] | None:
+    """The cached stats, or None when they are not what this run would have collected (another
+    tensor set) or not statistics at all (a histogram of the wrong length, NaN ranges)."""
+    meta = json.loads(str(arrays["meta"]))
+    if list(meta) != names:
         return None
+    stats = {name: TensorStats(**fields, hist=arrays[f"hist_{i}"], channel_min=arrays.get(f"cmin_{i}"),
+                               channel_max=arrays.get(f"cmax_{i}"), channel_sum=arrays.get(f"csum_{i}"))
+             for i, (name, fields) in enumerate(meta.items())}
+    for st in stats.values():
+        seen_finite = st.count > st.nonfinite
+        if (st.bins != bins or st.hist.shape != (bins,) or st.hist.sum() > st.count - st.nonfinite
+                or (seen_finite and not (math.isfinite(st.min) and math.isfinite(st.max) and st.min <= st.max))):
+            return None
+    return stats

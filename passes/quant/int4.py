@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
 
-from .cleanup import replace_nodes
+from onnxopt.surgery import replace_nodes
 
 MS_DOMAIN = "com.microsoft"
 

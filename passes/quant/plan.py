@@ -8,7 +8,8 @@ zero point 0), and how the output is treated:
 - "own": the output gets its own calibrated parameters when a quantized op reads it (so ORT can fuse
   DQ -> op -> Q into one integer kernel, e.g. QLinearConv);
 - "float": the output stays float (e.g. MatMul feeding a float bias Add: ORT then runs
-  MatMulIntegerToFloat, which dequantizes inside the kernel);
+  MatMulIntegerToFloat, which dequantizes inside the kernel), except for a MatMul whose output is
+  added to another linear layer's (see `_summed_linear_outputs`);
 - "shared": data-movement ops (Reshape, Transpose, MaxPool...) carry the input's parameters through,
   so int8 flows through them unchanged; they are quantized only when their input already is.
 Add and Mul are quantized only when both inputs are quantized tensors. Everything else (LayerNorm,
@@ -139,19 +140,21 @@ def _is_float(view: GraphView, name: str, float_tensors: set[str]) -> bool:
     return name in float_tensors or (view.constant(name) is not None and view.constant(name).dtype == np.float32)
 
 
-def place(model: onnx.ModelProto, options: PlanOptions, float_tensors: set[str],
-          unquantizable: set[str] = frozenset()) -> tuple[list[onnx.NodeProto], set[str], list[str]]:
-    """Chooses the nodes to quantize and the activation tensors that need calibrated ranges.
+def place(graph: onnx.GraphProto, view: GraphView, options: PlanOptions, float_tensors: set[str],
+          unquantizable: dict[str, str] | None = None) -> tuple[list[onnx.NodeProto], set[str], list[str]]:
+    """Chooses the nodes of `graph` (the main graph or a subgraph, `view` its view) to quantize and
+    the activation tensors that need calibrated ranges.
 
-    `float_tensors` are the tensors known to be float32 (from shape inference); `unquantizable` are
-    tensors calibration found unfit (e.g. additive attention masks of -1e9): nodes reading them stay float.
+    `float_tensors` are the tensors known to be float32 (from shape inference); `unquantizable` maps
+    tensors calibration found unfit to why (an additive attention mask of -1e9, a branch the data never
+    took): nodes reading them stay float.
     """
-    view = GraphView(model.graph, model.ir_version)
     skipped: list[str] = []
     chosen: list[onnx.NodeProto] = []
     quantized: set[str] = set()
     wanted = set(options.include)
-    for node in model.graph.node:  # topological order: a node's inputs are decided before it
+    summed = _summed_linear_outputs(graph, view)
+    for node in graph.node:  # topological order: a node's inputs are decided before it
         rule = OP_TABLE.get(node.op_type)
         if rule is None or node.domain not in ("", "ai.onnx"):
             continue
@@ -174,9 +177,9 @@ def place(model: onnx.ModelProto, options: PlanOptions, float_tensors: set[str],
             continue  # joins a quantized region only
         if any(view.constant(n) is not None for n in names) and node.op_type in JOINING_OPS:
             continue  # Add/Mul with a constant: cheaper in float than as QLinearAdd
-        bad = [n for n in names if n in unquantizable]
+        bad = [n for n in names if n in (unquantizable or {})]
         if bad:
-            skipped.append(f"{node.op_type} '{node.name}': input {bad[0]} has a mask-like range; kept float")
+            skipped.append(f"{node.op_type} '{node.name}': input {bad[0]} {unquantizable[bad[0]]}; kept float")
             continue
         if rule.weight is not None and node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             if view.constant(node.input[rule.weight]) is None:
@@ -184,9 +187,22 @@ def place(model: onnx.ModelProto, options: PlanOptions, float_tensors: set[str],
                 continue
         chosen.append(node)
         quantized.update(names)
-        if rule.output in ("own", "shared"):
+        if rule.output in ("own", "shared") or node.output[0] in summed:
             quantized.update(o for o in node.output[:1] if o)
     return chosen, quantized, skipped
+
+
+def _summed_linear_outputs(graph: onnx.GraphProto, view: GraphView) -> set[str]:
+    """MatMul outputs added to another MatMul's or Gemm's output (an RNN cell's W x + U h). Left float,
+    ORT fuses the MatMul with that Add into a float Gemm over dequantized weights, every call; with
+    their own parameters the two products run as QLinearMatMul and their sum as QLinearAdd."""
+    linear = {n.output[0] for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.output}
+    summed = set()
+    for node in graph.node:
+        if node.op_type == "Add" and len(node.input) == 2 and all(i in linear for i in node.input):
+            summed.update(i for i in node.input if view.single_consumer(i) is node
+                          and view.producer[i].op_type == "MatMul")
+    return summed
 
 
 def quant_params(lo: float, hi: float, symmetric: bool) -> QuantParams:
@@ -223,12 +239,11 @@ def weight_axis(node: onnx.NodeProto, rule: OpRule, weight: np.ndarray, per_chan
     return rule.weight_axis
 
 
-def smoothing_groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+def smoothing_groups(view: GraphView, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     """Activations whose every quantized reader is a MatMul with a constant 2-D weight on input 1.
 
     Only those can be smoothed: each reader's weight absorbs the per-channel factor.
     """
-    view = GraphView(model.graph, model.ir_version)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         for i in _activation_inputs(node, OP_TABLE[node.op_type], view):
@@ -252,11 +267,10 @@ def smoothing_factors(channel_absmax: np.ndarray, weights: list[np.ndarray], alp
     return np.clip(s, 1e-2, 1e2).astype(np.float32)
 
 
-def build_plan(model: onnx.ModelProto, nodes: list[onnx.NodeProto], tensors: set[str],
+def build_plan(view: GraphView, nodes: list[onnx.NodeProto], tensors: set[str],
                ranges: dict[str, tuple[float, float]], options: PlanOptions,
                smooth: dict[str, np.ndarray] | None = None) -> Plan:
     """Turns placement plus calibrated ranges into parameters for every quantized tensor."""
-    view = GraphView(model.graph, model.ir_version)
     activations: dict[str, QuantParams] = {}
     weights: dict[str, QuantParams] = {}
     biases: dict[str, tuple[str, str]] = {}

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxopt.graph import NameGenerator
+from onnxopt.graph import GraphView, NameGenerator
 
-from .cleanup import remove_unused_initializers
-from .quant_plan import Plan, QuantParams
+from onnxopt.surgery import remove_unused_initializers
+from .plan import Plan, QuantParams
 
 
 def quantize_weight(weight: np.ndarray, params: QuantParams) -> np.ndarray:
@@ -40,11 +40,13 @@ def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
 
 
 class QDQInserter:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
-        self.names = NameGenerator(model.graph)
-        self.initializers = {t.name: t for t in model.graph.initializer}
+    """Inserts the plan's Q/DQ into `graph` (the main graph or a subgraph: `view` sees the weights of
+    the enclosing graphs, and the int8 copies of those go into this graph)."""
+
+    def __init__(self, graph: onnx.GraphProto, view: GraphView, names: NameGenerator):
+        self.graph = graph
+        self.view = view
+        self.names = names
         self.new_initializers: list[onnx.TensorProto] = []
 
     def _param_tensors(self, base: str, params: QuantParams) -> tuple[str, str]:
@@ -94,7 +96,7 @@ class QDQInserter:
             counts["activations quantized"] += 1
 
         for tensor, params in plan.weights.items():
-            weight = numpy_helper.to_array(self.initializers[tensor]) if tensor in self.initializers else None
+            weight = self.view.constant(tensor, keep=False)
             if weight is None:
                 continue
             q_name = self.names(tensor + "_quantized")
@@ -104,9 +106,10 @@ class QDQInserter:
             counts["weights quantized"] += 1
 
         for tensor, (activation, weight_name) in plan.biases.items():
-            if tensor not in self.initializers or activation not in plan.activations:
+            bias = self.view.constant(tensor, keep=False)
+            if bias is None or activation not in plan.activations:
                 continue
-            bias = numpy_helper.to_array(self.initializers[tensor]).astype(np.float64)
+            bias = bias.astype(np.float64)
             w_params = plan.weights[weight_name]
             scale = (plan.activations[activation].scale.astype(np.float64) * w_params.scale.astype(np.float64))
             scale = np.broadcast_to(scale, bias.shape) if scale.ndim else scale

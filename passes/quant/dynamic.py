@@ -13,9 +13,9 @@ from onnx import helper, numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
 
-from .cleanup import replace_nodes
-from .quant_plan import weight_params
-from .quant_qdq import quantize_weight
+from onnxopt.surgery import replace_nodes
+from .plan import weight_params
+from .qdq import quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 

@@ -1,4 +1,4 @@
-"""Cutting right-padding off calibration batches of sequence models.
+"""Cutting right-padding off batches of representative data for sequence models.
 
 Tokenized calibration sets are usually padded to one length (all-MiniLM's 160 sentences: 14 real
 tokens on average, padded to 128). Under a 0/1 attention mask, real tokens never attend to padding,
@@ -19,7 +19,7 @@ import re
 import numpy as np
 import onnx
 
-from .inputs import real_inputs
+from ..inputs import real_inputs
 
 Feeds = dict[str, np.ndarray]
 _MASK_NAME = re.compile(r"mask", re.IGNORECASE)  # attention_mask, input_mask, src_key_padding_mask...

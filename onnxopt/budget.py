@@ -1,0 +1,163 @@
+"""The error budget: apply a lossy technique only as far as an accuracy budget allows, unit by unit.
+
+A pass offers its choices as a `Tunable`: named units (a layer it can quantize, prune or factor),
+each with strengths from 0 (left alone) up to its strongest (int8; 50 % pruned; the lowest rank),
+and a way to build the model for any assignment of strengths. `fit(tunable, error_of, max_error)`
+starts with every unit at its strongest. While the error is over budget it steps one unit down one
+strength at a time, the unit whose step removes the most error first: each unit's gain is measured
+alone, from the all-strongest model (a layer may seem harmless alone and not in company, so the
+error of the whole assignment is measured again after every step). With every unit left alone the
+error is 0, so the budget always holds in the end.
+
+Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
+of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
+of a model falls below the reference's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import onnx
+
+from .errors import OnnxoptError
+from .imports import import_object
+from .progress import Progress
+from .runtime import make_session
+from .validation import compare_outputs, run
+
+EVAL_SAMPLES = 16
+
+ErrorOf = Callable[[onnx.ModelProto], float]
+
+
+class Tunable(Protocol):
+    """What a lossy pass offers the budget."""
+
+    def units(self) -> Sequence[str]:
+        """The names of the units, in a fixed order."""
+
+    def strengths(self, unit: str) -> Sequence[Any]:
+        """The unit's strengths, weakest first: index 0 leaves it alone, the last is the strongest."""
+
+    def build(self, strengths: Mapping[str, int]) -> onnx.ModelProto:
+        """The model with each unit at the strength of that index."""
+
+
+@dataclasses.dataclass
+class Fit:
+    strengths: dict[str, int]  # unit -> index into its strengths
+    error_before: float  # every unit at its strongest
+    error_after: float
+    max_error: float
+    gains: dict[str, float]  # error removed by each unit's first step down, measured alone
+    evaluations: int  # models built and measured
+
+    def stepped_down(self, tunable: Tunable) -> list[str]:
+        """Units left below their strongest."""
+        return [u for u in tunable.units() if self.strengths[u] < len(tunable.strengths(u)) - 1]
+
+    def most_sensitive(self, limit: int = 10) -> list[tuple[str, float]]:
+        return sorted(self.gains.items(), key=lambda item: item[1], reverse=True)[:limit]
+
+
+def fit(tunable: Tunable, error_of: ErrorOf, max_error: float, progress: Progress | None = None) -> Fit:
+    """Strengths that keep `error_of` within `max_error` (see the module docstring)."""
+    progress = progress or Progress(False)
+    units = list(tunable.units())
+    top = {u: len(tunable.strengths(u)) - 1 for u in units}
+    measured: dict[tuple, float] = {}  # an assignment is built and measured once
+
+    def error_at(strengths: Mapping[str, int]) -> float:
+        key = tuple(strengths[u] for u in units)
+        if key not in measured:
+            measured[key] = error_of(tunable.build(strengths))
+        return measured[key]
+
+    current = dict(top)
+    error = error_before = error_at(current)
+    if error <= max_error:
+        return Fit(current, error_before, error, max_error, {}, len(measured))
+
+    def gain_of_step(unit: str, level: int) -> float:
+        """Error removed when `unit` alone goes from `level` to `level - 1`, all others strongest."""
+        above = error_before if level == top[unit] else error_at({**top, unit: level})
+        return above - error_at({**top, unit: level - 1})
+
+    gains = {u: gain_of_step(u, top[u]) for u in progress(units, "sensitivity", "unit") if top[u] > 0}
+    # most harmful first; ties keep the units' order
+    queue = [(-gain, units.index(u), u) for u, gain in gains.items()]
+    heapq.heapify(queue)
+    while error > max_error and queue:
+        _, order, unit = heapq.heappop(queue)
+        current[unit] -= 1
+        error = error_at(current)
+        if current[unit] > 0 and error > max_error:
+            heapq.heappush(queue, (-gain_of_step(unit, current[unit]), order, unit))
+    return Fit(current, error_before, error, max_error, gains, len(measured))
+
+
+def _spread_batches(data) -> list[dict]:
+    """About EVAL_SAMPLES samples in batches spread over the data: when padding is cut, samples are
+    batched by length and the first batches alone would be the shortest sentences."""
+    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
+    if count and size:
+        wanted = min(count, -(-EVAL_SAMPLES // size))
+        chosen = {int((i + 0.5) * count / wanted) for i in range(wanted)}
+        return [batch for index, batch in enumerate(data) if index in chosen]
+    feeds, seen = [], 0
+    for batch in data:
+        feeds.append(batch)
+        seen += 1 if getattr(data, "per_entry", False) else len(next(iter(batch.values())))
+        if seen >= EVAL_SAMPLES:
+            break
+    return feeds
+
+
+def output_error(reference: onnx.ModelProto, data) -> tuple[ErrorOf, str]:
+    """1 - cosine of a model's outputs to the reference's on ~EVAL_SAMPLES samples of `data` (the
+    worst output and batch count), and a description for reports."""
+    feeds = _spread_batches(data)
+    session = make_session(reference)
+    reference_outputs = [run(session, f) for f in feeds]
+    del session
+
+    def error(model: onnx.ModelProto) -> float:
+        candidate = make_session(model)
+        return max(1.0 - compare_outputs(ref, run(candidate, f)).cosine for ref, f in zip(reference_outputs, feeds))
+
+    samples = len(feeds) if getattr(data, "per_entry", False) else sum(len(next(iter(f.values()))) for f in feeds)
+    return error, f"1 - cosine of the outputs on {samples} samples of representative data"
+
+
+def load_score(spec: str, purpose: str) -> Callable:
+    """The user's scoring function (`module:function`), imported before any work so that a wrong
+    name fails at once."""
+    return import_object(spec, purpose, "name a function that takes an onnxruntime.InferenceSession "
+                                        "and returns a score (higher is better)")
+
+
+def score_drop(reference: onnx.ModelProto, score: Callable, spec: str,
+               labels: tuple[str, str] = ("reference", "candidate")) -> tuple[ErrorOf, str]:
+    """How far `score` (a function of an InferenceSession on the CPU, higher is better; `spec`
+    names it) falls below its value for the reference model. `labels` name the reference and the
+    candidates in messages ("float", "quantized")."""
+
+    def scored(model: onnx.ModelProto, which: str) -> float:
+        session = make_session(model)
+        try:
+            value = float(score(session))
+        except Exception as exc:
+            raise OnnxoptError(f"eval function {spec} failed on the {which} model: {type(exc).__name__}: {exc}",
+                               "it must take an onnxruntime.InferenceSession and return a number") from exc
+        if not math.isfinite(value):
+            raise OnnxoptError(f"eval function {spec} returned {value} for the {which} model",
+                               "return a finite score, higher is better")
+        return value
+
+    baseline = scored(reference, labels[0])
+    return (lambda model: max(0.0, baseline - scored(model, labels[1])),
+            f"drop of {spec} below the {labels[0]} model's {baseline:.6g}")
