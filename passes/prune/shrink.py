@@ -1,0 +1,79 @@
+"""Removing a group's pruned units from the graph: every weight and parameter loses those indices
+along its axis, and every Reshape target that names the axis shrinks with it.
+
+Deletions are gathered per (tensor, axis) over all groups first and applied once, in the tensor's
+original coordinates: groups that share an axis at different offsets (the inputs of a Concat) then
+cannot shift each other's indices. Activations need nothing: their shapes follow. The graph's
+recorded value_info of the changed tensors is dropped (shape inference recomputes it).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxopt.graph import GraphView
+
+from .groups import Group, target_entry
+
+
+def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
+           found_in: onnx.ModelProto | None = None) -> int:
+    """Removes the listed units of each group; returns how many tensors changed. `found_in`: the model
+    the groups were found in, when `model` is a copy of it (their nodes are found by position)."""
+    graph = model.graph
+    position = {id(n): i for i, n in enumerate((found_in or model).graph.node)}
+
+    def here(node: onnx.NodeProto) -> onnx.NodeProto:
+        return graph.node[position[id(node)]]
+
+    view = GraphView(graph, model.ir_version)
+    deletions: dict[tuple[str, int], set[int]] = defaultdict(set)
+    target_edits: dict[tuple[int, int], tuple[onnx.NodeProto, int, int]] = {}  # (Reshape, axis) -> how much smaller
+    changed_activations: set[str] = set()
+    for group, units in removals:
+        if not units:
+            continue
+        for member in group.members:
+            if view.constant(member.slot.tensor) is not None:
+                deletions[(member.slot.tensor, member.slot.axis)].update(member.indices(units).tolist())
+            else:
+                changed_activations.add(member.slot.tensor)
+        for target in group.reshapes:
+            node = here(target.node)
+            target_edits[(id(node), target.axis)] = (node, target.axis, len(units) * target.width)
+        for node in group.depthwise:  # one group a channel: as many groups as channels are left
+            attr = next(a for a in here(node).attribute if a.name == "group")
+            attr.i -= len(units)
+    initializers = {t.name: t for t in graph.initializer}
+    edited: dict[str, np.ndarray] = {}
+    for (name, axis), indices in deletions.items():
+        value = edited.get(name, view.constant(name))
+        edited[name] = np.delete(value, sorted(indices), axis=axis)
+    for name, value in edited.items():
+        initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    done: set[tuple[int, str, int]] = set()  # a target Concat shared by Q, K and V's Reshapes shrinks once
+    for node, axis, fewer in target_edits.values():
+        _shrink_target(graph, view, node, axis, fewer, done)
+    stale = [vi for vi in graph.value_info if vi.name in changed_activations]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    return len(edited)
+
+
+def _shrink_target(graph: onnx.GraphProto, view: GraphView, node: onnx.NodeProto, axis: int, fewer: int,
+                   done: set) -> None:
+    """A Reshape's target entry at `axis` made `fewer` smaller, in a copy of the constant that holds
+    it (targets are often shared, by other layers' Reshapes too). -1 and 0 need nothing."""
+    tensor, element, value = target_entry(node, axis, view)
+    holder = node if node.input[1] == tensor else view.producer[node.input[1]]  # the Reshape or its Concat
+    if value <= 0 or (id(holder), tensor, element) in done:
+        return
+    done.add((id(holder), tensor, element))
+    copy = view.constant(tensor).copy()
+    copy.reshape(-1)[element] = value - fewer
+    name = f"{tensor}_pruned_{len(graph.initializer)}"
+    graph.initializer.append(numpy_helper.from_array(copy, name))
+    holder.input[:] = [name if n == tensor else n for n in holder.input]

@@ -1,0 +1,275 @@
+"""The `prune` pass: channel groups, the exactness oracle (dead units removed change nothing, live
+ones do), recovery, N:M and unstructured sparsity with their records, and its errors."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ort_run
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt import OnnxoptError
+from onnxopt import sparsity as records
+from onnxopt.passes.prune import _pruned
+from onnxopt.passes.prune.groups import find_groups
+from onnxopt.layer_inputs import collect
+from onnxopt.passes.prune.stats import consumers
+from onnxopt.graph import GraphView
+
+RNG = np.random.default_rng(0)
+
+
+def conv(name, cin, cout, k, group=1):
+    w = (RNG.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin * k * k / group)).astype(np.float32)
+    return [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(
+        (0.1 * RNG.standard_normal(cout)).astype(np.float32), f"{name}.b")]
+
+
+def residual_net() -> onnx.ModelProto:
+    """conv a -> relu -> conv b, plus a 1x1 skip conv s (a residual Add), relu, a depthwise conv,
+    a Concat with another conv c, conv d, global pooling, Flatten, Gemm."""
+    inits = conv("a", 4, 8, 3) + conv("b", 8, 8, 3) + conv("s", 4, 8, 1) + conv("dw", 8, 8, 3, group=8) + \
+        conv("c", 8, 4, 1) + conv("d", 12, 6, 1)
+    inits += [numpy_helper.from_array((RNG.standard_normal((3, 6)) / 3).astype(np.float32), "fc.w"),
+              numpy_helper.from_array(np.zeros(3, np.float32), "fc.b")]
+    pad1 = {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}
+    nodes = [
+        helper.make_node("Conv", ["x", "a.w", "a.b"], ["a"], **pad1), helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "b.w", "b.b"], ["b"], **pad1),
+        helper.make_node("Conv", ["x", "s.w", "s.b"], ["s"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["b", "s"], ["sum"]), helper.make_node("Relu", ["sum"], ["h"]),
+        helper.make_node("Conv", ["h", "dw.w", "dw.b"], ["dw"], group=8, **pad1),
+        helper.make_node("Relu", ["dw"], ["dwr"]),
+        helper.make_node("Conv", ["dwr", "c.w", "c.b"], ["c"], kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["dwr", "c"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "d.w", "d.b"], ["d"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["d"], ["dr"]), helper.make_node("GlobalAveragePool", ["dr"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def kill(model: onnx.ModelProto, group, units, bias: float = 0.0, readers: bool = True) -> onnx.ModelProto:
+    """The model with `units` of `group` dead: their slices of every weight and parameter zero
+    (biases set to `bias`), so they carry nothing, or only a constant; with `readers=False` the
+    layers reading them keep their weights."""
+    dead = onnx.ModelProto()
+    dead.CopyFrom(model)
+    inits = {t.name: t for t in dead.graph.initializer}
+    for member in group.members:
+        if member.slot.tensor not in inits or (member.role == "in" and not readers):
+            continue
+        value = numpy_helper.to_array(inits[member.slot.tensor]).copy()
+        index = [slice(None)] * value.ndim
+        index[member.slot.axis] = member.indices(units)
+        value[tuple(index)] = bias if member.role == "param" and value.ndim == 1 else 0.0
+        inits[member.slot.tensor].CopyFrom(numpy_helper.from_array(value, member.slot.tensor))
+    return dead
+
+
+def group_of(model, layer_weight: str):
+    groups, _ = find_groups(model)
+    return next(g for g in groups if any(m.slot.tensor == layer_weight and m.role == "out" for m in g.members))
+
+
+def test_groups_follow_residuals_depthwise_convs_and_concats():
+    model = residual_net()
+    groups, blocked = find_groups(model)
+    by_source = {frozenset(g.sources): g for g in groups}
+    tied = next(g for g in groups if "b" in [m.slot.tensor[:-2] for m in g.members if m.role == "out"])
+    outs = {m.slot.tensor for m in tied.members if m.role == "out"}
+    assert outs == {"b.w", "s.w"}  # the residual Add ties conv b to the skip conv
+    assert {"dw.w", "dw.b"} <= {m.slot.tensor for m in tied.members}  # the depthwise conv follows its input
+    ins = {(m.slot.tensor, m.slot.lo, m.slot.hi) for m in tied.members if m.role == "in"}
+    assert ("c.w", 0, 8) in ins and ("d.w", 0, 8) in ins  # through the Concat, at offset 0 of d's input
+    c_group = group_of(model, "c.w")
+    assert ("d.w", 8, 12) in {(m.slot.tensor, m.slot.lo, m.slot.hi) for m in c_group.members if m.role == "in"}
+    d_group = group_of(model, "d.w")
+    assert any(m.slot.tensor == "fc.w" and m.role == "in" for m in d_group.members)
+    assert any("graph's output y" in b for b in blocked) and len(by_source) == 4
+
+
+@pytest.mark.parametrize("weight, units", [("a.w", [1, 6]), ("b.w", [0, 3, 7]), ("c.w", [2]), ("d.w", [0, 5])])
+def test_removing_dead_units_changes_nothing_and_live_ones_do(weight, units):
+    model = residual_net()
+    group = group_of(model, weight)
+    dead = kill(model, group, units)
+    x = RNG.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
+    onnx.checker.check_model(pruned)
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    live = [u for u in range(group.units) if u not in units][:len(units)]
+    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
+    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+
+
+def test_a_constant_channel_is_compensated_by_the_refit():
+    """Units whose output weights are zero but whose bias is not carry a constant; removing them and
+    refitting the reader (a 1x1 conv, with an intercept: a 3x3 one would see padding) on data gives
+    the same outputs."""
+    model = residual_net()
+    group = group_of(model, "c.w")
+    dead = kill(model, group, [1, 3], bias=0.7, readers=False)
+    x = RNG.standard_normal((64, 4, 8, 8)).astype(np.float32)
+    view = GraphView(dead.graph)
+    groups = [group_of(dead, "c.w")]
+    stats = collect(dead, consumers(groups, view), [{"x": x[i:i + 8]} for i in range(0, 64, 8)],
+                    onnxopt.progress.Progress(False))
+    refit = _pruned(dead, [(groups[0], [1, 3])], stats)
+    unfit = _pruned(dead, [(groups[0], [1, 3])], {})
+    reference = ort_run(dead, {"x": x[:8]})[0]
+    np.testing.assert_allclose(ort_run(refit, {"x": x[:8]})[0], reference, rtol=1e-4, atol=1e-4)
+    assert np.abs(ort_run(unfit, {"x": x[:8]})[0] - reference).max() > 1e-3
+
+
+def test_the_pass_shrinks_tensors_and_keeps_the_model_valid():
+    model = residual_net()
+    x = RNG.standard_normal((32, 4, 8, 8)).astype(np.float32)
+    pruned, report = onnxopt.optimize(model, "prune:ratio=0.5,round_to=1,keep_if_slower=false", calib={"x": x},
+                                      compare=False)
+    onnx.checker.check_model(pruned)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["a.w"] == (4, 4, 3, 3) and shapes["b.w"][0] == 4 and shapes["fc.w"] == (3, 3)
+    assert ort_run(pruned, {"x": x})[0].shape == (32, 3)
+    record = report.passes[0]
+    assert record["counts"]["groups pruned"] == 4 and record["tables"][0]["title"].startswith("groups")
+
+
+def test_without_data_magnitude_chooses_and_the_report_says_so():
+    _, report = onnxopt.optimize(residual_net(), "prune:ratio=0.5,keep_if_slower=false", compare=False)
+    assert any("no representative data" in n for n in report.passes[0]["notes"])
+
+
+def test_nm_sparsity_keeps_the_pattern_through_quant_and_the_file_does_not_grow(tmp_path):
+    from models import digits
+
+    path = digits.build()
+    out = tmp_path / "sparse.onnx"
+    model, report = onnxopt.optimize(str(path), "fold,fuse,prune:structure=2:4,quant:keep_if_slower=false",
+                                     calib=str(digits.calibration_npz()), compare=False, output=out)
+    checks = records.verify(model)
+    assert checks and all(c.holds and c.pattern == "2:4" for c in checks)
+    assert all(c.measured >= 0.5 for c in checks)
+    prune = next(p for p in report.passes if p["name"] == "prune")
+    assert any("no speed on ONNX Runtime's CPU" in n for n in prune["notes"])
+    float_sparse, _ = onnxopt.optimize(str(path), "fold,fuse,prune:structure=2:4", calib=str(digits.calibration_npz()),
+                                       compare=False)
+    folded, _ = onnxopt.optimize(str(path), "fold,fuse", compare=False)
+    assert float_sparse.ByteSize() <= folded.ByteSize() + 1024  # zeros in place, no masks
+    for c in records.verify(float_sparse):  # every group of 4 along the reduction axis has >= 2 zeros
+        assert c.holds
+    # a broken pattern is caught
+    tampered = onnx.load(str(out))
+    layer = checks[0].layer
+    node = next(n for n in tampered.graph.node if records.layer_key(n) == layer)
+    weight_name = next(n for n in tampered.graph.node if n.output[0] == node.input[1]).input[0]
+    tensor = next(t for t in tampered.graph.initializer if t.name == weight_name)
+    value = numpy_helper.to_array(tensor).copy()
+    value[value == 0] = 1
+    tensor.CopyFrom(numpy_helper.from_array(value, weight_name))
+    assert not next(c for c in records.verify(tampered) if c.layer == layer).holds
+
+
+def test_unstructured_sparsity_zeros_each_row_by_ratio():
+    model = residual_net()
+    x = RNG.standard_normal((16, 4, 8, 8)).astype(np.float32)
+    sparse, _ = onnxopt.optimize(model, "prune:structure=unstructured,ratio=0.5", calib={"x": x}, compare=False)
+    weights = {t.name: numpy_helper.to_array(t) for t in sparse.graph.initializer}
+    assert abs(np.mean(weights["d.w"] == 0) - 0.5) < 0.1 and abs(np.mean(weights["fc.w"] == 0) - 0.5) < 0.01
+    checks = records.verify(sparse)
+    assert len(checks) == 7 and all(c.holds and c.pattern == "unstructured" for c in checks)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prune:ratio=1.0", "ratio must be in \\[0, 1\\)"),
+    ("prune:ratio=-0.1", "ratio must be in \\[0, 1\\)"),
+    ("prune:structure=4:4", "N:M sparsity needs 0 < N < M"),
+    ("prune:structure=rows", "structure must be channels, heads, unstructured or N:M"),
+    ("prune:ratio=0.5,max_error=0.01", "give ratio or max_error, not both"),
+])
+def test_bad_options_are_one_line(spec, message):
+    with pytest.raises(OnnxoptError, match=message):
+        onnxopt.optimize(residual_net(), spec, compare=False)
+
+
+def test_recover_without_data_and_no_prunable_layer_are_clear():
+    with pytest.raises(OnnxoptError, match="prune:recover=true needs representative data"):
+        onnxopt.optimize(residual_net(), "prune:ratio=0.5,recover=true", compare=False)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = onnxopt.optimize(model, "prune:ratio=0.5", compare=False)
+    assert not report.passes[0]["changed"] and "no prunable layer" in report.passes[0]["skipped"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "digits-folded", "minilm-ffn", "minilm-heads"])
+def test_dead_units_on_real_models_change_nothing(name, digits_model, minilm_model):
+    from models import digits, minilm
+
+    if name.startswith("digits"):
+        model, feeds = onnx.load(str(digits_model)), {"image": digits.heldout()[0][:16]}
+        if name.endswith("folded"):
+            model, _ = onnxopt.optimize(model, "fold,fuse", compare=False)
+    else:
+        model, _ = onnxopt.optimize(onnx.load(str(minilm_model)), "fold,fuse", compare=False)
+        feeds = minilm.evaluation_feeds(4)
+    from onnxopt.passes.prune import Prune
+
+    shapes = Prune()._shapes(model, onnxopt.PassContext(sample_inputs=[feeds]), None)
+    groups, _ = find_groups(model, shapes)
+    heads = [g for g in groups if g.reshapes]
+    group = (heads if name == "minilm-heads" else [g for g in groups if not g.reshapes])[0]
+    units = list(range(0, group.units, 4))
+    dead = kill(model, group, units)
+    again, _ = find_groups(dead, shapes)
+    pruned = _pruned(dead, [(next(g for g in again if g.sources == group.sources), units)], {})
+    assert sum(t.ByteSize() for t in pruned.graph.initializer) < sum(t.ByteSize() for t in dead.graph.initializer)
+    for got, want in zip(ort_run(pruned, feeds), ort_run(dead, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_light_model_stays_valid_at_half_its_channels():
+    from models.light import light_case, light_models
+
+    for name in light_models():
+        path, feeds, _ = light_case(name)
+        folded, _ = onnxopt.optimize(str(path), "fold,fuse", compare=False)
+        pruned, report = onnxopt.optimize(folded, "prune:ratio=0.5,keep_if_slower=false", compare=False)
+        onnx.checker.check_model(pruned)
+        before, after = ort_run(folded, feeds), ort_run(pruned, feeds)
+        assert [a.shape for a in after] == [b.shape for b in before], name
+        record = report.passes[0]  # shufflenet's grouped Convs block every group: it is left alone, saying why
+        assert record["changed"] or ("no prunable layer" in record["skipped"] and len(record["skipped"]) > 1), name
+
+
+def test_the_kept_weights_are_refit_to_carry_what_the_zeroed_ones_computed():
+    """Correlated inputs: what a zeroed weight computed can be carried by its neighbours, and the
+    refit must find it (the oracle fails if the refit is a no-op or makes things worse)."""
+    k, n = 64, 32
+    base = RNG.standard_normal((1024, 16)).astype(np.float32)
+    x = (base @ RNG.standard_normal((16, k)) + 0.05 * RNG.standard_normal((1024, k))).astype(np.float32)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    want = x @ w
+    errors = {}
+    for structure in ("2:4", "unstructured,ratio=0.5"):
+        for recover in ("true", "false"):
+            out, _ = onnxopt.optimize(model, f"prune:structure={structure},recover={recover},samples=1024",
+                                      calib={"x": x}, compare=False)
+            pruned = numpy_helper.to_array(out.graph.initializer[0])
+            assert np.mean(pruned == 0) >= 0.5
+            errors[structure, recover] = float(np.linalg.norm(x @ pruned - want) / np.linalg.norm(want))
+        assert errors[structure, "true"] < 0.2 * errors[structure, "false"], errors
