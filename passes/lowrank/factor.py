@@ -1,0 +1,223 @@
+"""Which layers can be factored, their decompositions, and the graph rewrite to two thinner layers.
+
+A layer is a constant float weight W read as x @ W ([K, N]: K input features, N outputs) by one or
+more MatMul, Gemm (transA=0; transB and alpha folded into W) or 1x1 Conv nodes. At rank r it becomes
+x @ A @ B with A [K, r] and B [r, N]: r * (K + N) weights instead of K * N, so it can only pay when
+r < K * N / (K + N).
+
+The decomposition minimizes the error on the layer's own inputs where data is given:
+- whitened (default with data): with the Gram matrix H = X^T X = L L^T of the layer's inputs on the
+  representative data, ||X (W - A B)||_F = ||L^T (W - A B)||_F, so the truncated SVD of L^T W gives the
+  best rank-r factors for those inputs (SVD-LLM's truncation-aware whitening): A = L^-T U_r, B = S_r V_r^T.
+  The singular values of L^T W say how much output energy each rank carries (`energy=`).
+- asvd: the input channels scaled by their RMS ** 0.5 before the SVD (ASVD's activation-aware scaling).
+- svd: plain truncated SVD of W (no data needed).
+The singular values are split evenly between the factors (sqrt on each side), which keeps both
+factors' ranges alike for a later int8 quantization.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxopt.graph import GraphView, attribute
+from onnxopt.layer_inputs import LayerInputStats
+
+WHITEN_RIDGE = 1e-6  # of the mean input energy: keeps the Cholesky factor defined for dead channels
+ASVD_ALPHA = 0.5
+FACTOR_MARK = "/lowrank_r"  # in the names of the factors' weights: <weight>/lowrank_r<rank>_a and _b
+
+
+@dataclasses.dataclass
+class Layer:
+    weight: str
+    nodes: list[onnx.NodeProto]
+    matrix: np.ndarray  # [K, N], as x @ matrix (Gemm's alpha and transB folded in)
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].name or self.weight
+
+    @property
+    def break_even(self) -> float:
+        """The rank at which the two factors hold as many weights as W."""
+        k, n = self.matrix.shape
+        return k * n / (k + n)
+
+    def rank_for(self, kept: float) -> int:
+        """The smallest rank keeping at least `kept` of W's parameters (so `kept` = 1 never pays)."""
+        return max(1, int(np.ceil(kept * self.break_even - 1e-9)))
+
+
+def eligible(model: onnx.ModelProto, view: GraphView, ops: set[str]) -> tuple[list[Layer], list[str]]:
+    """The factorable layers of the main graph (a shared weight once, with all its nodes) and why
+    the other constant-weight layers are not."""
+    by_weight: dict[str, list[tuple[onnx.NodeProto, np.ndarray]]] = {}
+    skipped: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or node.op_type not in ops or len(node.input) < 2:
+            continue
+        weight = view.constant(node.input[1])
+        if weight is None or view.constant(node.input[0]) is not None:
+            continue
+        if FACTOR_MARK in node.input[1]:
+            continue  # a factor already: factoring it again would only lose accuracy
+        if weight.dtype != np.float32:
+            skipped.append(f"{node.name or node.output[0]}: {weight.dtype} weight")
+            continue
+        matrix, why = _as_matrix(node, weight)
+        if matrix is None:
+            skipped.append(f"{node.name or node.output[0]}: {why}")
+            continue
+        by_weight.setdefault(node.input[1], []).append((node, matrix))
+    layers = []
+    for name, uses in by_weight.items():
+        readers = view.consumers.get(name, [])
+        if len(readers) != len(uses) or len({(n.op_type, m.tobytes()) for n, m in uses}) != 1:
+            skipped.append(f"{uses[0][0].name or name}: its weight is also read in another way")
+            continue
+        layers.append(Layer(name, [n for n, _ in uses], uses[0][1]))
+    return layers, skipped
+
+
+def _as_matrix(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray | None, str]:
+    if node.op_type == "MatMul":
+        return (weight, "") if weight.ndim == 2 else (None, f"{weight.ndim}-D weight")
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0):
+            return None, "Gemm with transA"
+        w = weight.T if attribute(node, "transB", 0) else weight
+        return (w * np.float32(attribute(node, "alpha", 1.0))).astype(np.float32), ""
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1):
+        return None, "KxK Conv (only 1x1 Convs are factored)"
+    if attribute(node, "group", 1) != 1:
+        return None, "grouped Conv"
+    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID") or \
+            any(attribute(node, "pads", [0]) or [0]):
+        return None, "padded 1x1 Conv"
+    return weight[:, :, 0, 0].T, ""
+
+
+@dataclasses.dataclass
+class Decomposition:
+    """W ~ left[:, :r] @ right[:r] for any r; `spectrum` holds the singular values the truncation
+    ranks by (in the whitened space for method=whitened). With `mean` (the inputs' mean on the data),
+    the truncation was made for the centered inputs, and the bias takes the mean's share:
+    E[x] @ (W - A B), so that the error left is the part of the inputs that varies."""
+    left: np.ndarray  # [K, m] float64
+    right: np.ndarray  # [m, N] float64
+    spectrum: np.ndarray  # [m]
+    mean: np.ndarray | None = None  # [K]
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.left[:, :rank].astype(np.float32), self.right[:rank].astype(np.float32)
+
+    def shift(self, matrix: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+        """What the bias gains: the mean input's output lost by the factors."""
+        if self.mean is None:
+            return None
+        return (self.mean @ (matrix.astype(np.float64) - a.astype(np.float64) @ b)).astype(np.float32)
+
+    def rank_for_energy(self, energy: float) -> int:
+        """The smallest rank whose singular values hold `energy` of the total squared."""
+        cumulative = np.cumsum(self.spectrum ** 2)
+        return int(np.searchsorted(cumulative, energy * cumulative[-1]) + 1)
+
+
+def decompose(layer: Layer, stats: LayerInputStats | None, method: str) -> Decomposition:
+    w = layer.matrix.astype(np.float64)
+    if method == "whitened" and stats is not None and stats.gram is not None and stats.count:
+        mean = stats.sums / stats.count
+        h = stats.gram / stats.count - np.outer(mean, mean)  # the covariance: the mean goes to the bias
+        h = h + WHITEN_RIDGE * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(len(h))
+        chol = np.linalg.cholesky(h)  # h = chol @ chol.T
+        u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
+        root = np.sqrt(s)
+        left = np.linalg.solve(chol.T, u * root)
+        return Decomposition(left, root[:, None] * vt, s, mean)
+    scale = np.ones(len(w))
+    if method in ("whitened", "asvd") and stats is not None and stats.count:
+        rms = np.sqrt(stats.channel_sumsq / stats.count)
+        scale = np.maximum(rms, 1e-6 * max(float(rms.max()), 1e-12)) ** ASVD_ALPHA
+    u, s, vt = np.linalg.svd(scale[:, None] * w, full_matrices=False)
+    root = np.sqrt(s)
+    return Decomposition((u * root) / scale[:, None], root[:, None] * vt, s)
+
+
+def factor_tensors(layer: Layer, rank: int, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """The two factors' initializers, named and laid out for the layer's op (a Conv's as 1x1 kernels)."""
+    stem = f"{layer.weight}{FACTOR_MARK}{rank}"
+    if layer.nodes[0].op_type == "Conv":
+        a, b = a.T[:, :, None, None], b.T[:, :, None, None]
+    return {f"{stem}_a": np.ascontiguousarray(a), f"{stem}_b": np.ascontiguousarray(b)}
+
+
+def bias_tensors(model: onnx.ModelProto, layer: Layer, rank: int, shift: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The second factors' biases, one per node: the node's own bias (Gemm's times beta) plus `shift`.
+    Empty without a shift, or when a Gemm's bias is not a vector (its rows differ: left as it is)."""
+    if shift is None:
+        return {}
+    initializers = {t.name: t for t in model.graph.initializer}
+    n = shift.shape[0]
+    biases = {}
+    for j, node in enumerate(layer.nodes):
+        own = np.zeros(n, np.float32)
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in initializers:
+                return {}
+            value = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
+            if value.size not in (1, n):
+                return {}
+            own = np.broadcast_to(value.reshape(-1), (n,)) * np.float32(attribute(node, "beta", 1.0) if
+                                                                          node.op_type == "Gemm" else 1.0)
+        biases[f"{layer.weight}{FACTOR_MARK}{rank}_bias{j}"] = (own + shift).astype(np.float32)
+    return biases
+
+
+def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarray, b: np.ndarray,
+                    shift: np.ndarray | None = None) -> None:
+    """Replaces each node of `layer` in `model` (the node computing the same output: `model` may be a
+    copy of the one `layer` was found in) by two nodes at `rank`: the first holds A (and a Conv's
+    strides), the second B and the bias, which gains `shift` (a MatMul gets an Add for it). Names
+    carry the weight and the rank (`<weight>/lowrank_r<rank>_a`)."""
+    tensors = factor_tensors(layer, rank, a, b)
+    (a_name, _), (b_name, _) = tensors.items()
+    biases = bias_tensors(model, layer, rank, shift)
+    kind = layer.nodes[0].op_type
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in {**tensors, **biases}.items())
+    bias_names = list(biases)
+    graph_nodes = list(model.graph.node)
+    producers = {n.output[0]: n for n in graph_nodes if n.output}
+    for j, node in enumerate(producers[n.output[0]] for n in layer.nodes):
+        base = node.name or node.output[0]
+        middle = f"{node.output[0]}/lowrank_r{rank}"
+        bias = [bias_names[j]] if bias_names else list(node.input[2:3])
+        first_inputs = [node.input[0], a_name]
+        if kind == "MatMul":
+            replacement = [helper.make_node("MatMul", first_inputs, [middle], name=f"{base}/lowrank_a")]
+            if bias_names:
+                replacement += [helper.make_node("MatMul", [middle, b_name], [f"{middle}_b"], name=f"{base}/lowrank_b"),
+                                helper.make_node("Add", [f"{middle}_b", bias[0]], list(node.output),
+                                                 name=f"{base}/lowrank_bias")]
+            else:
+                replacement.append(helper.make_node("MatMul", [middle, b_name], list(node.output),
+                                                    name=f"{base}/lowrank_b"))
+        elif kind == "Gemm":  # MatMul where there is no bias: Gemm needs its C input before opset 11
+            beta = 1.0 if bias_names else attribute(node, "beta", 1.0)
+            second = helper.make_node("Gemm", [middle, b_name, *bias], list(node.output), name=f"{base}/lowrank_b",
+                                      beta=beta) if bias else \
+                helper.make_node("MatMul", [middle, b_name], list(node.output), name=f"{base}/lowrank_b")
+            replacement = [helper.make_node("MatMul", first_inputs, [middle], name=f"{base}/lowrank_a"), second]
+        else:
+            strides = attribute(node, "strides", None)
+            replacement = [helper.make_node("Conv", first_inputs, [middle], name=f"{base}/lowrank_a",
+                                            kernel_shape=[1, 1], **({"strides": strides} if strides else {})),
+                           helper.make_node("Conv", [middle, b_name, *bias], list(node.output),
+                                            name=f"{base}/lowrank_b", kernel_shape=[1, 1])]
+        position = next(i for i, n in enumerate(graph_nodes) if n is node)
+        graph_nodes[position:position + 1] = replacement
+    del model.graph.node[:]
+    model.graph.node.extend(graph_nodes)
