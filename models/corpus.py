@@ -106,6 +106,58 @@ def sentences(n: int, offset: int = 0) -> list[str]:
     return list(pool[offset : offset + n])
 
 
+@lru_cache(maxsize=1)
+def _training_pool() -> tuple[str, ...]:
+    """Sentences of the comments and docstrings of the stdlib's own source files, walked in sorted
+    order: many more than the summaries, and none of them (so disjoint from calibration, evaluation
+    and dev slices)."""
+    import ast
+    import io
+    import sysconfig
+    import tokenize
+    from pathlib import Path
+
+    excluded = set(_all_sentences())
+    seen: set[str] = set()
+    result: list[str] = []
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+    for path in sorted(p for p in root.rglob("*.py") if not skipped & set(p.relative_to(root).parts)):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (SyntaxError, UnicodeDecodeError, tokenize.TokenError, ValueError):
+            continue
+        texts = [ast.get_docstring(node, clean=True) for node in ast.walk(tree)
+                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        comment: list[str] = []
+        for token in tokens + [None]:  # consecutive comment lines form one paragraph
+            if token is not None and token.type == tokenize.COMMENT:
+                comment.append(token.string.lstrip("#").strip())
+            elif token is None or token.type not in (tokenize.NL, tokenize.NEWLINE):
+                if comment:
+                    texts.append(" ".join(comment))
+                comment = []
+        for text in texts:
+            for paragraph in re.split(r"\n\s*\n", text or ""):
+                joined = " ".join(line.strip() for line in paragraph.splitlines())
+                for sentence in _SENTENCE_END.split(joined):
+                    sentence = sentence.strip()
+                    if _is_prose(sentence) and sentence not in seen and sentence not in excluded:
+                        seen.add(sentence)
+                        result.append(sentence)
+    return tuple(result)
+
+
+def training_sentences(n: int) -> list[str]:
+    """`n` sentences for training (distillation), disjoint from every `sentences()` slice."""
+    pool = _training_pool()
+    if n > len(pool):
+        raise ValueError(f"requested {n} training sentences but only {len(pool)} exist")
+    return list(pool[:n])
+
+
 def count() -> int:
     """How many sentences are available."""
     return len(_all_sentences())

@@ -172,6 +172,17 @@ def calibration_npz(force: bool = False) -> Path:
     return CALIB_PATH
 
 
+TRAIN_PATH = BUILD_DIR / "digits_train.npz"
+
+
+def training_npz(force: bool = False) -> Path:
+    """Path of ``build/digits_train.npz``: key ``image`` holds the whole training split (unlabelled:
+    training data for distillation, disjoint from the held-out set)."""
+    if force or not is_fresh([TRAIN_PATH], _SOURCES):
+        save_npz(TRAIN_PATH, image=_split()[0])
+    return TRAIN_PATH
+
+
 def heldout() -> tuple[np.ndarray, np.ndarray]:
     """Held-out (images float32 [N,1,8,8], labels int64 [N]), building them if needed."""
     build()

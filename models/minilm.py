@@ -97,6 +97,27 @@ def _encoder_module(model):
     return Encoder().eval()
 
 
+STUDENT_LAYERS = (0, 2, 5)
+
+
+def student(layers: tuple[int, ...] = STUDENT_LAYERS):
+    """MiniLM with `layers` of its 6 transformer layers, initialised from the teacher's, as a torch
+    module taking (input_ids, attention_mask, token_type_ids): a distillation student,
+    `-p distill:student=models.minilm:student`. Keeping the last layer matters most: a study in
+    issue 19 found 0, 2, 5 start at cosine 0.615 to the teacher before training, 0, 2, 4 at 0.365.
+    Dropout is off: against cached teacher outputs it measured better without (cosine 0.927 against
+    0.912 after 675 steps on 8,000 sentences) and trains a third faster."""
+    import torch
+
+    model = torch_model()
+    model.encoder.layer = torch.nn.ModuleList([model.encoder.layer[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return _encoder_module(model)
+
+
 def _sample_sentences() -> list[str]:
     from models import corpus
 
@@ -171,6 +192,18 @@ def calibration_npz(n: int = 160, seq_len: int = 128) -> Path:
     dest = BUILD_DIR / f"minilm_calib_{n}x{seq_len}.npz"
     if not dest.exists():
         save_npz(dest, **encode(corpus.sentences(n), seq_len=seq_len))
+    return dest
+
+
+def training_npz(n: int = 8000, seq_len: int = 128) -> Path:
+    """`n` training sentences (stdlib comments and docstrings, disjoint from calibration and
+    evaluation: `corpus.training_sentences`) tokenized and padded to `seq_len`, as an .npz of feeds."""
+    from models import corpus
+    from models._common import save_npz
+
+    dest = BUILD_DIR / f"minilm_train_{n}x{seq_len}.npz"
+    if not dest.exists():
+        save_npz(dest, **encode(corpus.training_sentences(n), seq_len=seq_len))
     return dest
 
 
