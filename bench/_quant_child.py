@@ -83,7 +83,7 @@ def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> dict | No
             spec = "fold,fuse,quant:mode=dynamic"
         else:
             spec = f"fold,fuse,quant:samples={samples}" + (f",method={variant}" if variant else "")
-        _, report = onnxopt.optimize(src, spec, output=out, calibration=calib if variant != "dynamic" else None,
+        _, report = onnxopt.optimize(src, spec, output=out, calib=calib if variant != "dynamic" else None,
                                      compare=False, verify="none")
         details = report.passes[-1]["details"]
         return {k: details[k] for k in ("calibration_seconds", "speed_check_seconds", "report_seconds") if k in details}

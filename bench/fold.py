@@ -39,6 +39,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import onnx  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from _machine import describe  # noqa: E402
 from _measure import EXTRA_TOOLS, TOOLS, compare, op_histogram, ort_outputs, run_tool  # noqa: E402
 
 HEAVY = ("bvlc_alexnet", "vgg19", "zfnet512")  # folded weights of 250-575 MB
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"skip {', '.join(HEAVY)} (folded weights 250-575 MB)")
     p.add_argument("--no-verify-none", action="store_true", help="do not also time onnxopt with verify='none'")
     args = p.parse_args(argv)
+    print(describe(), flush=True)
     names = all_models()
     if args.models:
         names = [ALIASES.get(n.strip(), n.strip()) for n in args.models.split(",") if n.strip()]

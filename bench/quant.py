@@ -35,6 +35,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import describe  # noqa: E402
 
 PEERS = ["ort-dynamic", "ort-dynamic-pc", "ort-static-minmax", "ort-static-percentile", "ort-static-entropy",
          "onnxsim-static-minmax", "onnxsim-static-percentile", "onnxsim-static-entropy", "onnxsim-dynamic"]
@@ -116,23 +119,28 @@ def session(path: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int]) -> dict:
+def _inputs(s: ort.InferenceSession) -> set[str]:
+    """The feeds a session takes (a fused graph may drop an unused input such as token_type_ids)."""
+    return {i.name for i in s.get_inputs()}
+
+
+def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int], thread_counts=(1, 2)) -> dict:
     """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds, in an order shuffled
     each round so that no candidate always runs right after the same neighbour."""
     timings: dict[str, dict[str, float]] = {k: {} for k in paths}
     rng = random.Random(0)
-    for threads in (1, 2):
+    for threads in thread_counts:
         sessions = {k: session(p, threads) for k, p in paths.items()}
         for batch, n_rounds in zip((1, 8), rounds):
-            sliced = {k: v[:batch] for k, v in feeds.items()}
-            for s in sessions.values():
-                s.run(None, sliced)
+            sliced = {k: {n: v[:batch] for n, v in feeds.items() if n in _inputs(s)} for k, s in sessions.items()}
+            for k, s in sessions.items():
+                s.run(None, sliced[k])
             samples = {k: [] for k in sessions}
             for _ in tqdm(range(n_rounds), desc=f"timing b{batch} {threads}t", unit="round", leave=False):
                 for k in rng.sample(list(sessions), len(sessions)):
-                    s = sessions[k]
+                    s, feed = sessions[k], sliced[k]
                     start = time.perf_counter()
-                    s.run(None, sliced)
+                    s.run(None, feed)
                     samples[k].append((time.perf_counter() - start) * 1e3)
             for k, v in samples.items():
                 timings[k][f"b{batch}_{threads}t"] = float(np.median(v))
@@ -145,7 +153,7 @@ def evaluate(paths: dict[str, str], feeds: dict, accuracy) -> dict:
     for k, path in tqdm(paths.items(), desc="accuracy", unit="model", leave=False):
         s = session(path, 2)
         n = len(next(iter(feeds.values())))
-        outputs[k] = np.concatenate([s.run(None, {n_: v[i:i + 50] for n_, v in feeds.items()})[0]
+        outputs[k] = np.concatenate([s.run(None, {n_: v[i:i + 50] for n_, v in feeds.items() if n_ in _inputs(s)})[0]
                                      for i in range(0, n, 50)])
     return accuracy(outputs)
 
@@ -243,6 +251,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer peers and timing rounds")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
+    print(describe(), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
