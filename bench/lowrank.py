@@ -9,7 +9,8 @@ quantization error), so the peers here are the textbook methods, run through the
 (`method=svd`: truncated SVD of W; `method=asvd`: input channels scaled by their RMS ** 0.5 first),
 against onnxopt's default (truncated SVD whitened by the Cholesky factor of each layer's input Gram
 matrix). MiniLM's "FFN" rows factor the 12 FFN matrices (attention excluded) at half their
-parameters (rank 154); its representative data is the corpus's first 1,000 sentences (160 in the
+parameters (rank 154); the int4 rows compare `quant:bits=4` alone with `lowrank:compensate=true` after
+it (LQER-style correction of the int4 error). Its representative data is the corpus's first 1,000 sentences (160 in the
 @160 rows), disjoint from the 300 evaluation sentences. digits: 200 training images; the CNN's
 large Linear (512 -> 64) is factored by the budget. Each build runs in a fresh process
 (bench/_prune_child.py: seconds and peak RSS are its own); timing and accuracy as in bench/prune.py:
@@ -46,6 +47,11 @@ def case(name: str, quick: bool) -> dict:
             "onnxopt fold,fuse,quant": ("onnxopt:fold,fuse,quant", "plain"),
             "onnxopt lowrank max_error=0.02,quant": ("onnxopt:fold,fuse,lowrank:max_error=0.02,samples=1000,quant",
                                                      "plain"),
+            "onnxopt int4": ("onnxopt:fold,fuse,quant:bits=4", "plain"),
+            "onnxopt int4 + compensate (budget)": ("onnxopt:fold,fuse,quant:bits=4,lowrank:compensate=true,samples=1000",
+                                                   "plain"),
+            "onnxopt int4 + compensate rank 32": (
+                "onnxopt:fold,fuse,quant:bits=4,lowrank:compensate=true,rank=32,samples=1000", "plain"),
         }
         if quick:
             candidates = {k: v for k, v in candidates.items() if "@160" not in k and "refit" not in k}
@@ -84,6 +90,14 @@ def targets(results: dict) -> list[str]:
         c.check("MiniLM lowrank,quant faster than quant alone at b8 with cosine >= 0.97",
                 s_both > s_quant and both["accuracy"]["cosine"] >= 0.97,
                 f"{s_both:.2f}x vs {s_quant:.2f}x, cosine {both['accuracy']['cosine']:.4f}")
+    int4 = c.row("minilm", "onnxopt int4")
+    for name in ("onnxopt int4 + compensate (budget)", "onnxopt int4 + compensate rank 32"):
+        if int4 and (r := c.row("minilm", name)):
+            gap, left = 1 - int4["accuracy"]["cosine"], 1 - r["accuracy"]["cosine"]
+            c.check(f"MiniLM {name[8:]}: closes >= half of int4's cosine gap", left <= gap / 2,
+                    f"cosine {r['accuracy']['cosine']:.4f} vs int4 {int4['accuracy']['cosine']:.4f}: "
+                    f"{1 - left / gap:.0%} of the gap closed, {c.speed('minilm', name):.2f}x vs "
+                    f"{c.speed('minilm', 'onnxopt int4'):.2f}x at b8")
     if r := c.row("digits", "onnxopt budget (max_error=0.01)"):
         fp = results["digits"]["fp32"]
         drop = (fp["accuracy"]["top1"] - r["accuracy"]["top1"]) * 100

@@ -3,7 +3,7 @@ constant weight): for each layer, the Gram matrix of its input features (and the
 for a bias), accumulated batch by batch in one ORT session, so memory stays flat in the number of
 samples. Pruning scores and refits layers with them; low-rank factorization whitens by them.
 
-A MatMul's or Gemm's features are its input's last axis; a Conv's are its input channels times its
+A MatMul's, MatMulNBits' or Gemm's features are its input's last axis; a Conv's are its input channels times its
 kernel positions (im2col), so that a refit of the Conv is the same least-squares problem as a
 MatMul's. A Conv whose features would exceed `MAX_FEATURES` keeps per-channel sums of squares only
 (enough to score channels, not to refit the layer).
@@ -48,10 +48,13 @@ def collect(model: onnx.ModelProto, layers: dict[str, onnx.NodeProto], batches, 
     view = GraphView(model.graph, model.ir_version)
     stats = {}
     for key, layer in layers.items():
-        value = view.constant(layer.input[1])
         if attribute(layer, "group", 1) != 1:
             continue  # a grouped Conv's features are not its weight's rows
-        if layer.op_type == "Conv":
+        if layer.op_type == "MatMulNBits":  # its packed weight's shape is not [K, N]: K is an attribute
+            channels, kernel = attribute(layer, "K", 0), 1
+        elif (value := view.constant(layer.input[1])) is None:
+            continue
+        elif layer.op_type == "Conv":
             channels, kernel = value.shape[1], int(np.prod(value.shape[2:]))
         elif layer.op_type == "Gemm" and attribute(layer, "transB", 0):
             channels, kernel = value.shape[1], 1
@@ -76,7 +79,7 @@ def collect(model: onnx.ModelProto, layers: dict[str, onnx.NodeProto], batches, 
 def features(layer: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
     """The layer's input as rows of features: [positions, channels * kernel]."""
     if layer.op_type != "Conv":
-        return x.reshape(-1, x.shape[-1]) if layer.op_type == "MatMul" else x.reshape(x.shape[0], -1)
+        return x.reshape(-1, x.shape[-1]) if layer.op_type in ("MatMul", "MatMulNBits") else x.reshape(x.shape[0], -1)
     kernel = attribute(layer, "kernel_shape", None)
     strides = attribute(layer, "strides", [1, 1])
     dilations = attribute(layer, "dilations", [1, 1])

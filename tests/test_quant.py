@@ -285,7 +285,8 @@ def test_every_calibration_method_completes_on_minilm(minilm_model, method, tmp_
 def test_int4_packing_matches_ort_matmulnbits():
     from onnx import helper, numpy_helper
 
-    from onnxopt.passes.quant.int4 import dequantize_blockwise, int4_candidates, quantize_blockwise, quantize_int4
+    from onnxopt.blockwise import dequantize_blockwise, quantize_blockwise
+    from onnxopt.passes.quant.int4 import int4_candidates, quantize_int4
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((96, 40)).astype(np.float32)

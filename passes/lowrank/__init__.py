@@ -7,6 +7,9 @@ a layer dense against factored. The rank comes from `ratio` (parameters kept), `
 (of the whitened spectrum) or, by default, the error budget (`onnxopt.budget`): each matrix gets the
 lowest rank among `levels` that keeps the outputs within `max_error`, matrices differing as they do
 (attention projections and FFN matrices do not compress alike).
+
+`compensate=true` is the second mode (`compensate.py`): after `quant:bits=4`, a low-rank correction
+of each int4 MatMul's weight error beside it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from onnxopt.layer_inputs import LayerInputStats, collect
 from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers, remove_unused_initializers
 
+from .compensate import compensate
 from .factor import Decomposition, Layer, bias_tensors, decompose, eligible, factor_in_place, factor_tensors
 from .pays import BreakEven
 from .refit import paired_grams, second_factor
@@ -52,6 +56,11 @@ class LowRankOptions:
     batch_size: int = option(8, "batch size over the representative data")
     keep_if_slower: bool = option(True, "time each factored layer against its dense form and the result against "
                                         "the input; keep what is not faster")
+    compensate: bool = option(False, "after quant:bits=4: add a low-rank correction of each int4 MatMul's weight "
+                                     "error beside it (x @ A @ B), rank by rank= or the error budget (by default "
+                                     "a quarter of int4's output error); see compensate.py")
+    ranks: tuple[int, ...] = option((8, 16, 32, 64), "compensate=true with the budget: the ranks a correction may "
+                                                     "take")
 
     def __post_init__(self):
         given = [k for k in ("ratio", "rank", "energy", "max_error") if getattr(self, k) is not None]
@@ -67,6 +76,10 @@ class LowRankOptions:
             raise ValueError("rank must be >= 1")
         if any(not 0 < level < 1 for level in self.levels):
             raise ValueError("levels must lie in (0, 1)")
+        if self.compensate and (self.ratio is not None or self.energy is not None):
+            raise ValueError("compensate=true takes rank= or max_error=, not ratio= or energy=")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError("ranks must be >= 1")
         if self.samples < 1 or self.batch_size < 1:
             raise ValueError("samples and batch_size must be >= 1")
 
@@ -81,6 +94,8 @@ class LowRank(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         options = self.options
+        if options.compensate:
+            return compensate(model, ctx, options)
         budgeted = options.ratio is None and options.rank is None and options.energy is None
         if ctx.data is None and (budgeted or options.method in ("whitened", "asvd")):
             what = f"method={options.method}" if options.method else "the error budget (max_error)"
