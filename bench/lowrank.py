@@ -1,7 +1,7 @@
 """Benchmark: low-rank factorization without training — plain SVD, ASVD-style scaling and onnxopt's
 whitened factors at the same parameter ratio, the error budget, and `lowrank,quant` against `quant`.
 
-    .venv/bin/python bench/lowrank.py                        # minilm, digits (~20 min on 2 cores)
+    .venv/bin/python bench/lowrank.py                        # minilm, digits, resnet (~25 min on 2 cores)
     .venv/bin/python bench/lowrank.py --models digits --json out.json
 
 No ONNX tool factorizes weights by a rank budget (onnxsim uses low rank only to compensate
@@ -11,8 +11,10 @@ against onnxopt's default (truncated SVD whitened by the Cholesky factor of each
 matrix). MiniLM's "FFN" rows factor the 12 FFN matrices (attention excluded) at half their
 parameters (rank 154); the int4 rows compare `quant:bits=4` alone with `lowrank:compensate=true` after
 it (LQER-style correction of the int4 error). Its representative data is the corpus's first 1,000 sentences (160 in the
-@160 rows), disjoint from the 300 evaluation sentences. digits: 200 training images; the CNN's
-large Linear (512 -> 64) is factored by the budget. Each build runs in a fresh process
+@160 rows), disjoint from the 300 evaluation sentences. digits: 200 training images; its 3x3 Convs
+and its large Linear (512 -> 64) are factored, by half or by the budget. ResNet-18-like (random weights,
+scored by top-1 agreement with fp32): its 3x3 Convs at half their weights (KxK to r channels, then
+1x1), plain SVD against whitened, and by the budget. Each build runs in a fresh process
 (bench/_prune_child.py: seconds and peak RSS are its own); timing and accuracy as in bench/prune.py:
 1 thread, batch 1 and 8, alternating rounds, ratios fp32 median / candidate median.
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from prune import Checks, parser_for, run_bench  # noqa: E402
-from quant import _embedding_accuracy, _top1  # noqa: E402
+from quant import _agreement, _embedding_accuracy, _top1  # noqa: E402
 
 FFN = "exclude=.*attention.*,samples=1000"
 
@@ -69,6 +71,16 @@ def case(name: str, quick: bool) -> dict:
         }
         return {"path": digits.build(), "calib": digits.calibration_npz(), "eval": {"image": images},
                 "rounds": (3000, 2000), "candidates": candidates, "accuracy": lambda outs: _top1(outs, labels)}
+    if name == "resnet":
+        from models import resnet
+
+        candidates = {
+            "plain SVD, Convs at half the weights": ("onnxopt:fold,fuse,lowrank:ratio=0.5,method=svd,ops=Conv", "plain"),
+            "onnxopt whitened, Convs at half the weights": ("onnxopt:fold,fuse,lowrank:ratio=0.5,ops=Conv", "plain"),
+            "onnxopt budget (max_error=0.01)": ("onnxopt:fold,fuse,lowrank", "plain"),
+        }
+        return {"path": resnet.build(), "calib": resnet.calibration_npz(), "eval": {"image": resnet.images(64, 1)},
+                "rounds": (10, 5), "candidates": candidates, "accuracy": _agreement}
     raise SystemExit(f"unknown model {name}")
 
 
@@ -110,7 +122,7 @@ def targets(results: dict) -> list[str]:
 
 
 def main() -> None:
-    args = parser_for(__doc__.splitlines()[0], "minilm,digits", "no @160 or refit rows, fewer timing rounds").parse_args()
+    args = parser_for(__doc__.splitlines()[0], "minilm,digits,resnet", "no @160 or refit rows, fewer timing rounds").parse_args()
     run_bench(args, case, targets)
 
 

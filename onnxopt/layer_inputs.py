@@ -83,9 +83,10 @@ def features(layer: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
     kernel = attribute(layer, "kernel_shape", None)
     strides = attribute(layer, "strides", [1, 1])
     dilations = attribute(layer, "dilations", [1, 1])
-    pads = attribute(layer, "pads", [0, 0, 0, 0])
-    if x.ndim != 4 or kernel is None or attribute(layer, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise ValueError("only 2-D Convs with explicit pads are refit")
+    auto_pad = attribute(layer, "auto_pad", b"NOTSET")
+    pads = [0, 0, 0, 0] if auto_pad in (b"VALID", "VALID") else attribute(layer, "pads", [0, 0, 0, 0])
+    if x.ndim != 4 or kernel is None or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise ValueError("only 2-D Convs with kernel_shape and explicit pads are refit")
     kh, kw = kernel
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1

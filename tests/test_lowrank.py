@@ -1,5 +1,5 @@
 """The `lowrank` pass: exactness at a weight's true rank (and loss below it), MatMul / Gemm (transB,
-alpha, bias) / 1x1 Conv, activation-aware factors against plain SVD, shared weights, the
+alpha, bias) / 1x1 and KxK Conv, activation-aware factors against plain SVD, shared weights, the
 break-even rule, idempotence, `quant` after it, its errors, and real models."""
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ def conv_model() -> onnx.ModelProto:
     return model_of([node], inits, ["n", K, 6, 6], ["n", N, 3, 3])
 
 
+def conv3x3_model() -> onnx.ModelProto:
+    """A padded, strided, dilated 3x3 Conv whose [N, C * 9] weight has rank RANK."""
+    c = 8
+    w = low_rank(c * 9, N, RANK).T.reshape(N, c, 3, 3).copy()
+    inits = {"W": w, "b": RNG.standard_normal(N).astype(np.float32)}
+    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], name="c3", kernel_shape=[3, 3], pads=[2, 1, 2, 1],
+                            strides=[2, 1], dilations=[2, 1])
+    return model_of([node], inits, ["n", c, 9, 7], ["n", N, 5, 7])
+
+
 def feeds_for(model: onnx.ModelProto, n: int = 64) -> dict[str, np.ndarray]:
     dims = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
     return {"x": RNG.standard_normal(dims).astype(np.float32)}
@@ -56,7 +66,8 @@ def relative_error(model, factored, feeds) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("build", [matmul_model, gemm_model, conv_model], ids=["matmul", "gemm-transB", "conv1x1"])
+@pytest.mark.parametrize("build", [matmul_model, gemm_model, conv_model, conv3x3_model],
+                         ids=["matmul", "gemm-transB", "conv1x1", "conv3x3"])
 def test_a_rank_r_weight_is_exact_at_rank_r_and_not_below(build):
     model, feeds = build(), feeds_for(build())
     for method in ("whitened", "svd"):
@@ -103,11 +114,24 @@ def test_a_shared_weight_is_factored_once_and_every_reader_uses_the_factors():
     assert relative_error(model, factored, feeds) < 1e-5
 
 
-def test_what_is_left_alone_kxk_convs_no_saving_and_factors_already_made():
-    kxk = model_of([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
-                   {"W": RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)}, ["n", 4, 5, 5], ["n", 8, 5, 5])
-    out, report = onnxopt.optimize(kxk, "lowrank:ratio=0.5", calib=feeds_for(kxk), compare=False)
-    assert not report.passes[0]["changed"] and any("KxK Conv" in s for s in report.passes[0]["skipped"])
+def test_kxk_conv_factors_are_a_kxk_conv_to_rank_channels_then_a_1x1_conv():
+    model = conv3x3_model()
+    out, _ = onnxopt.optimize(model, f"lowrank:rank={RANK},keep_if_slower=false", calib=feeds_for(model),
+                              compare=False)
+    first, second = (n for n in out.graph.node if n.op_type == "Conv")
+    init = {t.name: t for t in out.graph.initializer}
+    assert list(init[first.input[1]].dims) == [RANK, 8, 3, 3] and list(init[second.input[1]].dims) == [N, RANK, 1, 1]
+    attrs = {a.name: list(a.ints) for a in first.attribute}
+    assert attrs["strides"] == [2, 1] and attrs["dilations"] == [2, 1] and attrs["pads"] == [2, 1, 2, 1]
+    assert {a.name: list(a.ints) for a in second.attribute} == {"kernel_shape": [1, 1]}
+
+
+def test_what_is_left_alone_grouped_convs_no_saving_and_factors_already_made():
+    depthwise = model_of([helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                           group=4)],
+                         {"W": RNG.standard_normal((4, 1, 3, 3)).astype(np.float32)}, ["n", 4, 5, 5], ["n", 4, 5, 5])
+    out, report = onnxopt.optimize(depthwise, "lowrank:ratio=0.5", calib=feeds_for(depthwise), compare=False)
+    assert not report.passes[0]["changed"] and any("grouped Conv" in s for s in report.passes[0]["skipped"])
     # ratio=1 keeps every weight: the factors would be as large as the matrix
     model = matmul_model()
     _, report = onnxopt.optimize(model, "lowrank:ratio=1.0,keep_if_slower=false", calib=feeds_for(model), compare=False)
@@ -171,7 +195,7 @@ def test_the_budget_without_data_and_no_eligible_layer_are_clear():
     assert any("plain SVD" in n for n in report.passes[0]["notes"])
     relu = model_of([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 4], [1, 4])
     _, report = onnxopt.optimize(relu, "lowrank:ratio=0.5", calib={"x": np.ones((4, 4), np.float32)}, compare=False)
-    assert not report.passes[0]["changed"] and "no MatMul, Gemm or 1x1 Conv" in report.passes[0]["skipped"][0]
+    assert not report.passes[0]["changed"] and "no MatMul, Gemm or Conv" in report.passes[0]["skipped"][0]
 
 
 @pytest.mark.slow

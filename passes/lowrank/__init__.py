@@ -1,5 +1,6 @@
-"""Low-rank factorization (`lowrank`): a MatMul, Gemm or 1x1 Conv with a constant weight W [K, N]
-becomes two thinner layers x @ A @ B at rank r, where that has fewer weights and runs faster.
+"""Low-rank factorization (`lowrank`): a MatMul, Gemm or Conv with a constant weight W [K, N]
+becomes two thinner layers x @ A @ B at rank r (a KxK Conv: KxK to r channels, then 1x1), where that
+has fewer weights and runs faster.
 
 `factor.py` finds the layers, decomposes each weight once (whitened by its inputs' Gram matrix on
 the representative data by default; plain SVD without data) and rewrites the graph; `pays.py` times
@@ -50,7 +51,7 @@ class LowRankOptions:
               "channels scaled by their RMS^0.5; svd: plain SVD of the weight (default without data)")
     refit: bool = option(False, "refit each second factor by least squares on the factored model's own inputs "
                                 "(one more pass over the data; measured worse on MiniLM, see docs/lowrank.md)")
-    ops: str = option("MatMul;Gemm;Conv", "layer types to factor (Conv: 1x1 only), ';'-separated")
+    ops: str = option("MatMul;Gemm;Conv", "layer types to factor (Conv: 2-D, ungrouped), ';'-separated")
     exclude: str = option("", "layers to leave alone: node or weight names or regular expressions, ';'-separated")
     samples: int = option(256, "representative samples to use at most")
     batch_size: int = option(8, "batch size over the representative data")
@@ -85,7 +86,7 @@ class LowRankOptions:
 
 
 class LowRank(Pass):
-    """Low-rank: replace MatMul/Gemm/1x1 Conv weights by two thinner factors where that has fewer
+    """Low-rank: replace MatMul/Gemm/Conv weights by two thinner factors where that has fewer
     weights and runs faster, activation-aware on representative data."""
 
     name = "lowrank"
@@ -108,7 +109,7 @@ class LowRank(Pass):
         layers, skipped = eligible(model, view, set(filter(None, options.ops.split(";"))))
         layers = [layer for layer in layers if not self._excluded(layer)]
         if not layers:
-            return PassResult(model, changed=False, skipped=["no MatMul, Gemm or 1x1 Conv with a constant weight to "
+            return PassResult(model, changed=False, skipped=["no MatMul, Gemm or Conv with a constant weight to "
                                                              "factor"] + skipped[:20])
         method = options.method or ("whitened" if ctx.data is not None else "svd")
         notes = [] if ctx.data is not None else ["no representative data: plain SVD of the weights (accuracy will "

@@ -1,9 +1,13 @@
 """Which layers can be factored, their decompositions, and the graph rewrite to two thinner layers.
 
 A layer is a constant float weight W read as x @ W ([K, N]: K input features, N outputs) by one or
-more MatMul, Gemm (transA=0; transB and alpha folded into W) or 1x1 Conv nodes. At rank r it becomes
+more MatMul, Gemm (transA=0; transB and alpha folded into W) or Conv nodes. At rank r it becomes
 x @ A @ B with A [K, r] and B [r, N]: r * (K + N) weights instead of K * N, so it can only pay when
 r < K * N / (K + N).
+
+A 2-D Conv with an [N, C, kh, kw] weight is the same product over im2col features (K = C * kh * kw,
+ordered channel-major as `onnxopt.layer_inputs.features` lays them out): A becomes a kh x kw Conv
+to r channels that keeps the strides, pads and dilations, B a 1x1 Conv holding the bias.
 
 The decomposition minimizes the error on the layer's own inputs where data is given:
 - whitened (default with data): with the Gram matrix H = X^T X = L L^T of the layer's inputs on the
@@ -36,6 +40,13 @@ class Layer:
     weight: str
     nodes: list[onnx.NodeProto]
     matrix: np.ndarray  # [K, N], as x @ matrix (Gemm's alpha and transB folded in)
+    kernel: tuple[int, ...] = (1, 1)  # a Conv's kernel: its weight is [N, K / (kh * kw), kh, kw]
+
+    @property
+    def conv_shape(self) -> tuple[int, ...]:
+        """The Conv weight shape of rank-`matrix.shape[1]` (for a Conv layer)."""
+        k, n = self.matrix.shape
+        return (n, k // int(np.prod(self.kernel)), *self.kernel)
 
     @property
     def name(self) -> str:
@@ -79,7 +90,9 @@ def eligible(model: onnx.ModelProto, view: GraphView, ops: set[str]) -> tuple[li
         if len(readers) != len(uses) or len({(n.op_type, m.tobytes()) for n, m in uses}) != 1:
             skipped.append(f"{uses[0][0].name or name}: its weight is also read in another way")
             continue
-        layers.append(Layer(name, [n for n, _ in uses], uses[0][1]))
+        weight_shape = view.constant(name).shape
+        kernel = tuple(weight_shape[2:]) if uses[0][0].op_type == "Conv" else (1, 1)
+        layers.append(Layer(name, [n for n, _ in uses], uses[0][1], kernel))
     return layers, skipped
 
 
@@ -91,14 +104,15 @@ def _as_matrix(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray | N
             return None, "Gemm with transA"
         w = weight.T if attribute(node, "transB", 0) else weight
         return (w * np.float32(attribute(node, "alpha", 1.0))).astype(np.float32), ""
-    if weight.ndim != 4 or weight.shape[2:] != (1, 1):
-        return None, "KxK Conv (only 1x1 Convs are factored)"
+    if weight.ndim != 4:
+        return None, f"{weight.ndim - 2}-D Conv (2-D Convs are factored)"
     if attribute(node, "group", 1) != 1:
         return None, "grouped Conv"
-    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID") or \
-            any(attribute(node, "pads", [0]) or [0]):
-        return None, "padded 1x1 Conv"
-    return weight[:, :, 0, 0].T, ""
+    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return None, "Conv with auto_pad SAME (explicit pads only)"
+    if attribute(node, "kernel_shape", None) is None:
+        return None, "Conv without a kernel_shape attribute"
+    return weight.reshape(weight.shape[0], -1).T, ""
 
 
 @dataclasses.dataclass
@@ -142,16 +156,19 @@ def decompose(layer: Layer, stats: LayerInputStats | None, method: str) -> Decom
     if method in ("whitened", "asvd") and stats is not None and stats.count:
         rms = np.sqrt(stats.channel_sumsq / stats.count)
         scale = np.maximum(rms, 1e-6 * max(float(rms.max()), 1e-12)) ** ASVD_ALPHA
+        scale = np.repeat(scale, len(w) // len(scale))  # a Conv's rows are channels x kernel positions
     u, s, vt = np.linalg.svd(scale[:, None] * w, full_matrices=False)
     root = np.sqrt(s)
     return Decomposition((u * root) / scale[:, None], root[:, None] * vt, s)
 
 
 def factor_tensors(layer: Layer, rank: int, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    """The two factors' initializers, named and laid out for the layer's op (a Conv's as 1x1 kernels)."""
+    """The two factors' initializers, named and laid out for the layer's op (a Conv's A with the
+    layer's kernel, its B as a 1x1 kernel)."""
     stem = f"{layer.weight}{FACTOR_MARK}{rank}"
     if layer.nodes[0].op_type == "Conv":
-        a, b = a.T[:, :, None, None], b.T[:, :, None, None]
+        _, channels, *kernel = layer.conv_shape
+        a, b = a.T.reshape(rank, channels, *kernel), b.T[:, :, None, None]
     return {f"{stem}_a": np.ascontiguousarray(a), f"{stem}_b": np.ascontiguousarray(b)}
 
 
@@ -181,8 +198,8 @@ def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarr
                     shift: np.ndarray | None = None) -> None:
     """Replaces each node of `layer` in `model` (the node computing the same output: `model` may be a
     copy of the one `layer` was found in) by two nodes at `rank`: the first holds A (and a Conv's
-    strides), the second B and the bias, which gains `shift` (a MatMul gets an Add for it). Names
-    carry the weight and the rank (`<weight>/lowrank_r<rank>_a`)."""
+    kernel, strides, pads and dilations), the second B and the bias, which gains `shift` (a MatMul
+    gets an Add for it). Names carry the weight and the rank (`<weight>/lowrank_r<rank>_a`)."""
     tensors = factor_tensors(layer, rank, a, b)
     (a_name, _), (b_name, _) = tensors.items()
     biases = bias_tensors(model, layer, rank, shift)
@@ -212,9 +229,9 @@ def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarr
                 helper.make_node("MatMul", [middle, b_name], list(node.output), name=f"{base}/lowrank_b")
             replacement = [helper.make_node("MatMul", first_inputs, [middle], name=f"{base}/lowrank_a"), second]
         else:
-            strides = attribute(node, "strides", None)
-            replacement = [helper.make_node("Conv", first_inputs, [middle], name=f"{base}/lowrank_a",
-                                            kernel_shape=[1, 1], **({"strides": strides} if strides else {})),
+            first = helper.make_node("Conv", first_inputs, [middle], name=f"{base}/lowrank_a")
+            first.attribute.extend(attr for attr in node.attribute if attr.name != "group")  # kernel, strides...
+            replacement = [first,
                            helper.make_node("Conv", [middle, b_name, *bias], list(node.output),
                                             name=f"{base}/lowrank_b", kernel_shape=[1, 1])]
         position = next(i for i, n in enumerate(graph_nodes) if n is node)

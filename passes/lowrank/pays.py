@@ -26,10 +26,11 @@ def _one_layer(layer: Layer) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     k, n = layer.matrix.shape
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(layer.matrix.shape).astype(np.float32)
-    if node.op_type == "Conv":
-        side = int(math.ceil(math.sqrt(ROWS)))
-        x = rng.standard_normal((1, k, side, side)).astype(np.float32)
-        weight = weight.T[:, :, None, None]
+    if node.op_type == "Conv":  # output positions near ROWS: a 16x16 map, larger for strided Convs
+        strides = [s for a in node.attribute if a.name == "strides" for s in a.ints] or [1]
+        side = int(math.ceil(math.sqrt(ROWS))) * max(strides)
+        x = rng.standard_normal((1, layer.conv_shape[1], side, side)).astype(np.float32)
+        weight = weight.T.reshape(layer.conv_shape)
         out_shape = None
     else:
         x = rng.standard_normal((ROWS, k)).astype(np.float32)
@@ -57,12 +58,13 @@ class BreakEven:
         self.measured: dict[tuple, float] = {}
 
     def speedup(self, layer: Layer, rank: int) -> float:
-        key = (layer.nodes[0].op_type, *layer.matrix.shape, rank)
+        conv = [(a.name, tuple(a.ints)) for a in layer.nodes[0].attribute] if layer.nodes[0].op_type == "Conv" else []
+        key = (layer.nodes[0].op_type, *layer.matrix.shape, layer.kernel, *conv, rank)
         if key not in self.measured:
             dense, feeds = _one_layer(layer)
             factored = onnx.ModelProto()
             factored.CopyFrom(dense)
-            single = Layer(layer.weight, [dense.graph.node[0]], layer.matrix)
+            single = Layer(layer.weight, [dense.graph.node[0]], layer.matrix, layer.kernel)
             k, n = layer.matrix.shape
             factor_in_place(factored, single, rank, np.zeros((k, rank), np.float32), np.zeros((rank, n), np.float32))
             factored.graph.initializer.remove(next(t for t in factored.graph.initializer if t.name == layer.weight))
