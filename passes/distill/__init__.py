@@ -20,6 +20,7 @@ import onnx
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, option, sparsity
 from onnxopt.errors import SettingError
 
+from .targets import output_pairs, with_label_input, with_top_k
 from .train import LOSSES
 
 TRAIN_MEMORY_LIMIT = 2 * 2**30  # training inputs are held in memory, for a shuffled batch order
@@ -38,7 +39,14 @@ class DistillOptions:
     samples: Optional[int] = option(None, "training samples to use at most")
     seed: int = option(0, "seed of the batch order and of torch (same seed, same result)")
     outputs: str = option("", "tensors to match, ';'-separated: the graph outputs by default, or intermediate "
-                              "tensors (hidden states) that teacher and student share by name")
+                              "tensors (hidden states) that teacher and student share by name; STUDENT=TEACHER "
+                              "matches a student tensor to a teacher tensor of another name")
+    top_k: Optional[int] = option(None, "cache only the k largest of the teacher's class scores (outputs declared "
+                                        "[batch, classes]) and their classes; the KL runs over those k")
+    labels: Optional[str] = option(None, "the array of int64 class labels in the training data (not a model "
+                                         "input), mixed into the loss by cross-entropy on the class scores")
+    label_weight: float = option(0.1, "with labels: the loss is (1 - w) * distillation + w * cross-entropy (0.1, "
+                                      "as in Keras's distillation example)")
     teacher: Optional[str] = option(None, "teacher ONNX file (default: the pipeline's input model)")
     data: Optional[str] = option(None, "training data, any form representative data takes (default: the run's "
                                        "train data, else its representative data)")
@@ -54,6 +62,10 @@ class DistillOptions:
             raise ValueError("lr and temperature must be > 0")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError("max_minutes must be > 0")
+        if self.top_k is not None and (self.top_k < 1 or self.loss not in ("auto", "kl")):
+            raise ValueError("top_k must be >= 1 and works with loss=auto or kl")
+        if not 0 <= self.label_weight <= 1:
+            raise ValueError("label_weight must lie in [0, 1]")
 
 
 def _torch():
@@ -88,7 +100,8 @@ class Distill(Pass):
             history = train(setup, options, ctx.progress)
         finally:
             torch.set_num_threads(threads)
-        details = {"teacher_cache": facts, "losses": setup.kinds, "epochs": history.epochs, "steps": history.steps,
+        details = {"teacher_cache": facts, "losses": setup.kinds, "top_k": options.top_k, "labels": options.labels,
+                   "epochs": history.epochs, "steps": history.steps,
                    "train_seconds": round(history.seconds, 1), "held_out_loss_before": history.held_out_before,
                    "held_out_loss_after": history.held_out_after, "masked_weights": len(setup.masks)}
         notes.append(f"teacher outputs: {'read from the cache' if facts['hit'] else 'cached'} "
@@ -101,7 +114,7 @@ class Distill(Pass):
         if options.student:
             from .student import export
 
-            exported = export(learner.student, learner.teacher, setup.inputs[0])
+            exported = export(learner.student, learner.teacher, setup.inputs[0], learner.pairs)
             notes.append(f"the student {options.student} replaces the model: {_weights(exported)} weights "
                          f"(the teacher has {_weights(learner.teacher)})")
             return PassResult(exported, changed=True, counts={"steps": history.steps}, notes=notes, details=details,
@@ -117,22 +130,24 @@ class Distill(Pass):
     def _learner(self, model: onnx.ModelProto, ctx: PassContext) -> _Learner:
         """Teacher and student: the model in hand as a TorchGraph against the pipeline's input, or the
         user's module against the model in hand."""
-        outputs = [n for n in self.options.outputs.split(";") if n]
+        pairs = output_pairs(self.options.outputs)
         if self.options.student:
             from onnxopt.inputs import real_inputs
 
             from .student import Student, load_student
 
             teacher = self._teacher(ctx, default=model)
-            names = outputs or [o.name for o in teacher.graph.output]
-            student = Student(load_student(self.options.student), [vi.name for vi in real_inputs(teacher)], names)
-            return _Learner(teacher, student, student.by_name, student.input_names, names, {}, data_model=teacher)
+            pairs = pairs or [(o.name, o.name) for o in teacher.graph.output]
+            student = Student(load_student(self.options.student), [vi.name for vi in real_inputs(teacher)],
+                              [s for s, _ in pairs])
+            return _Learner(teacher, student, _by_teacher_name(student.by_name, pairs), student.input_names,
+                            [t for _, t in pairs], {}, data_model=teacher, pairs=pairs)
         from .torch_graph import TorchGraph
 
-        names = outputs or [o.name for o in model.graph.output]
-        graph = TorchGraph(model, outputs=names)
-        return _Learner(self._teacher(ctx), graph, graph, graph.input_names, names, _sparsity_masks(model, graph),
-                        data_model=model)
+        pairs = pairs or [(o.name, o.name) for o in model.graph.output]
+        graph = TorchGraph(model, outputs=[s for s, _ in pairs])
+        return _Learner(self._teacher(ctx), graph, _by_teacher_name(graph, pairs), graph.input_names,
+                        [t for _, t in pairs], _sparsity_masks(model, graph), data_model=model, pairs=pairs)
 
     def _teacher(self, ctx: PassContext, default: onnx.ModelProto | None = None) -> onnx.ModelProto:
         if self.options.teacher:
@@ -164,9 +179,17 @@ class _Learner:
     student: object  # a TorchGraph, or the user's module wrapped in a Student
     forward: object  # feeds -> outputs by name
     input_names: list[str]
-    names: list[str]  # the outputs matched
+    names: list[str]  # the teacher tensors matched
     masks: dict  # id(parameter) -> mask of zeros to keep
     data_model: onnx.ModelProto  # the model the training batches are validated against
+    pairs: list[tuple[str, str]]  # (student tensor, teacher tensor)
+
+
+def _by_teacher_name(forward, pairs: list[tuple[str, str]]):
+    """`forward` with its outputs keyed by the teacher tensors they are matched to."""
+    if all(s == t for s, t in pairs):
+        return forward
+    return lambda feeds: (lambda out: {t: out[s] for s, t in pairs})(forward(feeds))
 
 
 def _setup(learner: _Learner, data, options: DistillOptions, ctx: PassContext):
@@ -176,19 +199,31 @@ def _setup(learner: _Learner, data, options: DistillOptions, ctx: PassContext):
     from . import train as train_
     from .torch_graph import as_tensors
 
-    batches = data.batches(learner.data_model, options.batch_size, options.samples, trim_padding=True)
-    cached, facts = teacher_outputs(learner.teacher, batches, ctx.cache, outputs=learner.names, ep=ctx.ep,
+    teacher, top_k = learner.teacher, {}
+    if options.top_k:
+        teacher, top_k = with_top_k(teacher, learner.names, options.top_k)
+    cached_names = [n for n in learner.names if n not in top_k] + [c for cut in top_k.values() for c in cut]
+    data_model = with_label_input(learner.data_model, options.labels) if options.labels else learner.data_model
+    batches = data.batches(data_model, options.batch_size, options.samples, trim_padding=True)
+    cached, facts = teacher_outputs(teacher, batches, ctx.cache, outputs=cached_names, ep=ctx.ep,
                                     progress=ctx.progress)
-    inputs = _inputs(batches, learner.input_names, as_tensors)
+    inputs = _inputs(batches, learner.input_names + ([options.labels] if options.labels else []), as_tensors)
     if not inputs:
         raise OnnxoptError("distill: the training data holds no samples")
     first = cached.batch(0)
     softmax = {o for n in learner.teacher.graph.node if n.op_type == "Softmax" for o in n.output}
-    kinds = train_.loss_kinds(learner.names, [first[n].shape for n in learner.names], softmax, options.loss)
+    shapes = [first[top_k[n][0] if n in top_k else n].shape for n in learner.names]
+    kinds = train_.loss_kinds(learner.names, shapes, softmax, options.loss)
+    kinds.update({n: "kl-probabilities" if n in softmax else "kl" for n in top_k})  # even at k = 1
+    label_output = next((n for n, kind in kinds.items() if kind.startswith("kl")), None)
+    if options.labels and label_output is None:
+        raise OnnxoptError(f"distill:labels={options.labels}: no matched output holds class scores [batch, classes] "
+                           "to score the labels against", "match the class-score output (outputs=)")
     setup = train_.Setup(student=learner.forward, parameters=[p for p in learner.student.parameters() if p.requires_grad],
                          inputs=inputs, teacher=cached.batch, kinds=kinds,
                          mask_input=batches.padding.mask if batches.padding else None, masks=learner.masks,
-                         module=learner.student if options.student else None)
+                         module=learner.student if options.student else None, top_k=top_k, labels=options.labels,
+                         label_output=label_output, label_weight=options.label_weight if options.labels else 0.0)
     return setup, facts
 
 

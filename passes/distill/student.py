@@ -66,10 +66,15 @@ class Student(torch.nn.Module):
         return dict(zip(self.output_names, self(*(feeds[n] for n in self.input_names))))
 
 
-def export(student: Student, teacher: onnx.ModelProto, example: dict[str, torch.Tensor]) -> onnx.ModelProto:
-    """The trained student as ONNX: the teacher's I/O names, its dynamic axes, its opset (the
-    TorchScript exporter's, which keeps plain ops at old opsets too)."""
+def export(student: Student, teacher: onnx.ModelProto, example: dict[str, torch.Tensor],
+           pairs: Sequence[tuple[str, str]] = ()) -> onnx.ModelProto:
+    """The trained student as ONNX: the teacher's I/O names (its graph outputs only, whatever hidden
+    states were matched: `pairs` says which student output each came from), its dynamic axes, its
+    opset (the TorchScript exporter's, which keeps plain ops at old opsets too)."""
     opset = next((o.version for o in teacher.opset_import if o.domain in ("", "ai.onnx")), 17)
+    names = [o.name for o in teacher.graph.output]
+    from_student = {t: s for s, t in pairs}
+    student.output_names = [from_student.get(name, name) for name in names]
     axes = {}
     for vi in [*teacher.graph.input, *teacher.graph.output]:
         dynamic = {i: d.dim_param or f"{vi.name}_{i}" for i, d in enumerate(vi.type.tensor_type.shape.dim)
@@ -83,7 +88,7 @@ def export(student: Student, teacher: onnx.ModelProto, example: dict[str, torch.
         try:
             torch.onnx.export(student, tuple(example[n] for n in student.input_names), str(path), dynamo=False,
                               opset_version=min(max(opset, 7), 20), input_names=student.input_names,
-                              output_names=student.output_names, dynamic_axes=axes, do_constant_folding=True)
+                              output_names=names, dynamic_axes=axes, do_constant_folding=True)
         except Exception as exc:  # the exporter's errors are many and long: the first line says which op
             raise OnnxoptError(f"distill: torch.onnx.export failed on the student: {str(exc).splitlines()[0]}",
                                "export the student yourself once to see the whole message") from exc

@@ -7,6 +7,10 @@ scaled by T^2 as Hinton et al. do) for class scores, `mse+cosine` for embeddings
 [batch, sequence, ...] count real tokens only when the data has an attention mask: padding is not
 something the student should learn to copy.
 
+With `top_k` the teacher's class scores come cut to their k largest (`targets.py`): the KL runs
+over those k classes. With `labels`, the cross-entropy against the data's hard labels is mixed in:
+(1 - label_weight) * distillation + label_weight * cross-entropy.
+
 Some batches are held out (every tenth, when there are ten or more) to measure the loss before and
 after training; the pass keeps its input when training did not lower it.
 """
@@ -49,16 +53,19 @@ def loss_kinds(names: Sequence[str], shapes: Sequence[tuple[int, ...]], softmax_
 
 
 def output_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float,
-                weight: torch.Tensor | None) -> torch.Tensor:
-    """One output's loss; `weight` [batch, sequence] of 0/1 masks positions of sequence outputs."""
+                weight: torch.Tensor | None, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """One output's loss; `weight` [batch, sequence] of 0/1 masks positions of sequence outputs;
+    `classes` (with kl): the classes `teacher` holds the scores of, its top k."""
     student, teacher = student.float(), teacher.float()
     if kind in ("kl", "kl-probabilities"):
         if kind == "kl":
             log_s = F.log_softmax(student / temperature, dim=-1)
-            t = F.softmax(teacher / temperature, dim=-1)
+            t = F.softmax(teacher / temperature, dim=-1)  # over the top k alone when cut: renormalized
             scale = temperature ** 2
         else:  # outputs that are already probabilities
             log_s, t, scale = torch.log(student.clamp_min(1e-12)), teacher, 1.0
+        if classes is not None:
+            log_s = log_s.gather(-1, classes)
         per_position = (t * (torch.log(t.clamp_min(1e-12)) - log_s)).sum(-1) * scale
     else:
         squared = (student - teacher) ** 2
@@ -91,6 +98,10 @@ class Setup:
     mask_input: str | None  # the attention-mask feed, weighting sequence outputs
     masks: dict[int, torch.Tensor]  # id(parameter) -> 0/1 mask of the weights that must stay zero
     module: torch.nn.Module | None = None  # put in training mode (dropout) for the steps, eval mode otherwise
+    top_k: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # output -> cached (values, classes)
+    labels: str | None = None  # the feed holding hard labels
+    label_output: str | None = None  # the class-score output they are scored against
+    label_weight: float = 0.0
 
 
 def mean_loss(setup: Setup, indices: Sequence[int], temperature: float) -> float:
@@ -108,8 +119,21 @@ def _batch_loss(setup: Setup, index: int, temperature: float) -> torch.Tensor:
     outputs = setup.student(feeds)
     targets = setup.teacher(index)
     weight = feeds.get(setup.mask_input) if setup.mask_input else None
-    return sum(output_loss(outputs[name], torch.from_numpy(np.array(targets[name])), kind, temperature, weight)
-               for name, kind in setup.kinds.items())
+    loss = 0
+    for name, kind in setup.kinds.items():
+        if name in setup.top_k:
+            values, classes = (torch.from_numpy(np.array(targets[n])) for n in setup.top_k[name])
+            loss = loss + output_loss(outputs[name], values, kind, temperature, weight, classes)
+        else:
+            loss = loss + output_loss(outputs[name], torch.from_numpy(np.array(targets[name])), kind, temperature,
+                                      weight)
+    if setup.labels is None:
+        return loss
+    scores = outputs[setup.label_output].float()
+    log_p = torch.log(scores.clamp_min(1e-12)) if setup.kinds[setup.label_output] == "kl-probabilities" else \
+        F.log_softmax(scores, dim=-1)
+    hard = F.nll_loss(log_p, feeds[setup.labels].long().reshape(-1))
+    return (1 - setup.label_weight) * loss + setup.label_weight * hard
 
 
 def train(setup: Setup, options, progress) -> History:
