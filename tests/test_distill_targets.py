@@ -61,18 +61,6 @@ def test_a_student_tensor_is_matched_to_a_teacher_tensor_of_another_name(teacher
     assert [o.name for o in trained.graph.output] == ["y"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("outputs=act=r;act=y", "names the student tensor 'act' twice"),
-    ("outputs==r", "leaves a side empty"),
-    ("outputs=nope=r", "no tensor 'nope'"),
-])
-def test_bad_pairs_are_one_line(teacher, spec, message):
-    teacher_path, w1, w2, data = teacher
-    with pytest.raises(OnnxoptError, match=message):
-        onnxopt.optimize(mlp(w1, w2, hidden="act"), f"distill:teacher={teacher_path},{spec}", train=data,
-                         compare=False, runs=0)
-
-
 def test_top_k_caches_k_scores_and_still_pulls_the_student_to_the_teachers_classes(teacher):
     teacher_path, w1, w2, data = teacher
     student = mlp(w1 + f32(16, 32) * 0.3, w2 + f32(32, CLASSES) * 0.3)
@@ -93,14 +81,18 @@ def test_top_k_caches_k_scores_and_still_pulls_the_student_to_the_teachers_class
 
 
 @pytest.mark.parametrize("spec, message", [
+    ("outputs=act=r;act=y", "names the student tensor 'act' twice"),
+    ("outputs==r", "leaves a side empty"),
+    ("outputs=nope=r", "no tensor 'nope'"),
     ("outputs=h,top_k=2", "declared \\[batch, classes\\]"),
     ("outputs=y,top_k=9", "has only 8 classes"),
     ("outputs=y,top_k=2,loss=mse", "top_k must be >= 1 and works with loss=auto or kl"),
 ])
-def test_bad_top_k_is_one_line(teacher, spec, message):
+def test_bad_pairs_and_top_k_are_one_line(teacher, spec, message):
     teacher_path, w1, w2, data = teacher
     with pytest.raises(OnnxoptError, match=message):
-        onnxopt.optimize(mlp(w1, w2), f"distill:teacher={teacher_path},{spec}", train=data, compare=False, runs=0)
+        onnxopt.optimize(mlp(w1, w2, hidden="act"), f"distill:teacher={teacher_path},{spec}", train=data,
+                         compare=False, runs=0)
 
 
 def test_hard_labels_pull_the_student_away_from_a_wrong_teacher(teacher):
