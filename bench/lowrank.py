@@ -12,8 +12,8 @@ matrix). MiniLM's "FFN" rows factor the 12 FFN matrices (attention excluded) at 
 parameters (rank 154); the int4 rows compare `quant:bits=4` alone with `lowrank:compensate=true` after
 it (LQER-style correction of the int4 error). Its representative data is the corpus's first 1,000 sentences (160 in the
 @160 rows), disjoint from the 300 evaluation sentences. digits: 200 training images; its 3x3 Convs
-and its large Linear (512 -> 64) are factored, by half or by the budget. ResNet-18-like (random weights,
-scored by top-1 agreement with fp32): its 3x3 Convs at half their weights (KxK to r channels, then
+and its large Linear (512 -> 64) are factored, by half or by the budget. ResNet-18-like (random weights, scored
+as in bench/quant.py: top-1 agreement and the centered cosine): its 3x3 Convs at half their weights (KxK to r channels, then
 1x1), plain SVD against whitened, and by the budget. Each build runs in a fresh process
 (bench/_prune_child.py: seconds and peak RSS are its own); timing and accuracy as in bench/prune.py:
 1 thread, batch 1 and 8, alternating rounds, ratios fp32 median / candidate median.

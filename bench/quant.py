@@ -91,7 +91,19 @@ def _top1(outputs: dict, labels) -> dict:
 
 
 def _agreement(outputs: dict) -> dict:
-    return {k: {"top1_agreement": float(np.mean(v.argmax(1) == outputs["fp32"].argmax(1)))} for k, v in outputs.items()}
+    """Top-1 agreement with fp32, and the centered cosine: the mean cosine to fp32 of each input's
+    logits less fp32's mean logits over the inputs. The ResNet-18-like model has random weights and
+    gives every evaluation image the same class, so agreement only says whether that class survived;
+    the centered cosine compares what differs between images."""
+    mean = outputs["fp32"].mean(axis=0)
+    ref = outputs["fp32"] - mean
+    result = {}
+    for k, v in outputs.items():
+        x = v - mean
+        cosine = np.sum(x * ref, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+        result[k] = {"top1_agreement": float(np.mean(v.argmax(1) == outputs["fp32"].argmax(1))),
+                     "centered_cosine": float(np.mean(cosine))}
+    return result
 
 
 def quantize_all(name: str, spec: dict, tools: list[str], workdir: Path) -> dict:

@@ -189,7 +189,12 @@ def _by_teacher_name(forward, pairs: list[tuple[str, str]]):
     """`forward` with its outputs keyed by the teacher tensors they are matched to."""
     if all(s == t for s, t in pairs):
         return forward
-    return lambda feeds: (lambda out: {t: out[s] for s, t in pairs})(forward(feeds))
+
+    def renamed(feeds):
+        outputs = forward(feeds)
+        return {teacher: outputs[student] for student, teacher in pairs}
+
+    return renamed
 
 
 def _setup(learner: _Learner, data, options: DistillOptions, ctx: PassContext):
