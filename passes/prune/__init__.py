@@ -252,7 +252,7 @@ def _sample_notes(stats, recover: bool) -> list[str]:
         notes.append(f"the representative data gives {count} positions for {features} features at '{layer}' "
                      f"({len(short)} layer(s) like it): the refit is underdetermined there and leans on its "
                      "regularization; more samples help")
-    too_large = [st.layer.name for st in stats.values() if st.gram is None]
+    too_large = [st.layer.name or st.layer.output[0] for st in stats.values() if st.gram is None]
     if too_large and recover:
         notes.append(f"{len(too_large)} layer(s) with too many input features are not refit (e.g. '{too_large[0]}')")
     return notes
