@@ -1,8 +1,9 @@
 """`lowrank:compensate=true`: a low-rank correction of int4 weight error (LQER-style).
 
 After `quant:bits=4` every quantized MatMul is an ORT MatMulNBits computing x @ Q, Q the int4
-dequantized weight. With W the float weight it came from (found in the pipeline's input model, and
-checked: it must requantize to the very same bytes), the error E = W - Q is spread over the whole
+dequantized weight. With W the float weight it came from (found in the pipeline's input model, as it
+is or times one scalar that an earlier `fuse` folded in, and checked: it must requantize to the very
+same bytes), the error E = W - Q is spread over the whole
 matrix but its effect on the layer's real inputs is concentrated in a few directions. The whitened
 truncated SVD of E (the same decomposition `lowrank` factors weights with: whitened by the Cholesky
 factor of the inputs' covariance, the inputs' mean going to a bias) gives A [K, r], B [r, N] with
@@ -110,10 +111,24 @@ def _int4_error(node: onnx.NodeProto, view: GraphView, reference: onnx.ModelProt
     if packed is None or scales is None or packed.dtype != np.uint8 or packed.ndim != 3:
         return None, "its int4 weight is not a constant"
     for weight in _float_sources(node, reference, k, n):
-        again, again_scales = quantize_blockwise(weight, block)
-        if np.array_equal(again, packed) and np.allclose(again_scales, scales, rtol=1e-6, atol=0):
-            return weight - dequantize_blockwise(packed, scales, k), ""
+        for source in (weight, _rescaled(weight, scales, block)):
+            if source is None:
+                continue
+            again, again_scales = quantize_blockwise(source, block)
+            if np.array_equal(again, packed) and np.allclose(again_scales, scales, rtol=1e-6, atol=0):
+                return source - dequantize_blockwise(packed, scales, k), ""
     return None, "no float weight in the pipeline's input quantizes to its int4 weight"
+
+
+def _rescaled(weight: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray | None:
+    """`weight` times the one scalar that maps its block scales onto `scales`, or None when no single
+    scalar does: `fuse` folds a scalar Mul (an attention scale) into a weight before `quant` sees it,
+    so the pipeline's input holds that weight unscaled. The requantization check then decides."""
+    own = quantize_blockwise(weight, block)[1]
+    ratio = scales.astype(np.float64) / np.maximum(own, 1e-30)
+    if not np.allclose(ratio, ratio.flat[0], rtol=1e-5, atol=0) or np.isclose(ratio.flat[0], 1.0, rtol=1e-7):
+        return None
+    return (weight * np.float32(ratio.flat[0])).astype(np.float32)
 
 
 def _float_sources(node: onnx.NodeProto, reference: onnx.ModelProto, k: int, n: int):
