@@ -153,6 +153,20 @@ def test_a_layer_that_runs_slower_factored_is_left_alone_and_named(monkeypatch):
     assert any(s.startswith("mm: factored at rank") and "0.80x" in s for s in report.passes[0]["skipped"])
 
 
+@pytest.mark.parametrize("kernel, attrs", [(3, dict(dilations=[2, 2])), (5, {}), (3, dict(strides=[2, 2]))],
+                         ids=["dilated", "5x5", "strided"])
+def test_the_break_even_timing_runs_unpadded_kxk_convs(kernel, attrs):
+    """The one-layer timing model must hold the kernel even at 8 output positions."""
+    from onnxopt.guard import SpeedGuard
+    from onnxopt.passes.lowrank.factor import Layer
+    from onnxopt.passes.lowrank.pays import BreakEven
+
+    weight = RNG.standard_normal((16, 8, kernel, kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="c", kernel_shape=[kernel, kernel], **attrs)
+    layer = Layer("W", [node], weight.reshape(16, -1).T, (kernel, kernel))
+    assert BreakEven(SpeedGuard()).speedup(layer, 4) > 0
+
+
 def test_the_budget_factors_a_matrix_as_far_as_the_error_allows():
     model = matmul_model(RNG.standard_normal((K, N)).astype(np.float32) * np.linspace(1, 0, N, dtype=np.float32) ** 4)
     feeds = feeds_for(model, 256)

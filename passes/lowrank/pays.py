@@ -31,8 +31,10 @@ def _one_layer(layer: Layer, rows: int) -> tuple[onnx.ModelProto, dict[str, np.n
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(layer.matrix.shape).astype(np.float32)
     if node.op_type == "Conv":  # output positions near `rows`: a 16x16 map for 256, larger for strided Convs
-        strides = [s for a in node.attribute if a.name == "strides" for s in a.ints] or [1]
-        side = int(math.ceil(math.sqrt(rows))) * max(strides)
+        ints = {a.name: list(a.ints) for a in node.attribute}
+        strides, dilations = ints.get("strides") or [1, 1], ints.get("dilations") or [1, 1]
+        spans = [d * (k - 1) + 1 for d, k in zip(dilations, layer.kernel)]  # an unpadded map must hold the kernel
+        side = max(int(math.ceil(math.sqrt(rows))) * max(strides), *spans)
         x = rng.standard_normal((1, layer.conv_shape[1], side, side)).astype(np.float32)
         weight = weight.T.reshape(layer.conv_shape)
         out_shape = None
