@@ -53,9 +53,10 @@ def compensate(model: onnx.ModelProto, ctx: PassContext, options) -> PassResult:
     if not todo:
         return PassResult(model, changed=False, skipped=skipped[:40])
     reference = ctx.reference.model if ctx.reference is not None else model
+    ref_view = GraphView(reference.graph, reference.ir_version)
     layers = []
     for node in todo:
-        error, why = _int4_error(node, view, reference)
+        error, why = _int4_error(node, view, ref_view)
         if error is None:
             skipped.append(f"{node.name or node.output[0]}: {why}")
         else:
@@ -102,40 +103,43 @@ def _corrected(node: onnx.NodeProto, view: GraphView, skipped: list[str]) -> boo
     return False
 
 
-def _int4_error(node: onnx.NodeProto, view: GraphView, reference: onnx.ModelProto) -> tuple[np.ndarray | None, str]:
-    """W - Q for the MatMulNBits `node`, W found in `reference`; or None and why not."""
+def _int4_error(node: onnx.NodeProto, view: GraphView, ref_view: GraphView) -> tuple[np.ndarray | None, str]:
+    """W - Q for the MatMulNBits `node`, W found in the reference model `ref_view` shows; or None and why not."""
     if len(node.input) > 3 and any(node.input[3:]):
         return None, "MatMulNBits with zero points or other extra inputs (not quant's layout)"
     packed, scales = view.constant(node.input[1]), view.constant(node.input[2])
     k, n, block = attribute(node, "K", 0), attribute(node, "N", 0), attribute(node, "block_size", 0)
     if packed is None or scales is None or packed.dtype != np.uint8 or packed.ndim != 3:
         return None, "its int4 weight is not a constant"
-    for weight in _float_sources(node, reference, k, n):
-        for source in (weight, _rescaled(weight, scales, block)):
-            if source is None:
+    for weight in _float_sources(node, ref_view, k, n):
+        source, quantized = weight, quantize_blockwise(weight, block)
+        if not _same_int4(quantized, packed, scales):
+            source = _rescaled(weight, quantized[1], scales)
+            if source is None or not _same_int4(quantize_blockwise(source, block), packed, scales):
                 continue
-            again, again_scales = quantize_blockwise(source, block)
-            if np.array_equal(again, packed) and np.allclose(again_scales, scales, rtol=1e-6, atol=0):
-                return source - dequantize_blockwise(packed, scales, k), ""
+        return source - dequantize_blockwise(packed, scales, k), ""
     return None, "no float weight in the pipeline's input quantizes to its int4 weight"
 
 
-def _rescaled(weight: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray | None:
-    """`weight` times the one scalar that maps its block scales onto `scales`, or None when no single
-    scalar does: `fuse` folds a scalar Mul (an attention scale) into a weight before `quant` sees it,
-    so the pipeline's input holds that weight unscaled. The requantization check then decides."""
-    own = quantize_blockwise(weight, block)[1]
+def _same_int4(quantized: tuple[np.ndarray, np.ndarray], packed: np.ndarray, scales: np.ndarray) -> bool:
+    return np.array_equal(quantized[0], packed) and np.allclose(quantized[1], scales, rtol=1e-6, atol=0)
+
+
+def _rescaled(weight: np.ndarray, own: np.ndarray, scales: np.ndarray) -> np.ndarray | None:
+    """`weight` (whose block scales are `own`) times the one scalar that maps them onto `scales`, or
+    None when no single scalar does: `fuse` folds a scalar Mul (an attention scale) into a weight
+    before `quant` sees it, so the pipeline's input holds that weight unscaled. The requantization
+    check then decides."""
     ratio = scales.astype(np.float64) / np.maximum(own, 1e-30)
     if not np.allclose(ratio, ratio.flat[0], rtol=1e-5, atol=0) or np.isclose(ratio.flat[0], 1.0, rtol=1e-7):
         return None
     return (weight * np.float32(ratio.flat[0])).astype(np.float32)
 
 
-def _float_sources(node: onnx.NodeProto, reference: onnx.ModelProto, k: int, n: int):
-    """Float [K, N] weights of `reference` that may be the one `node` quantized: the weight of the
+def _float_sources(node: onnx.NodeProto, ref_view: GraphView, k: int, n: int):
+    """Float [K, N] weights of the reference that may be the one `node` quantized: the weight of the
     MatMul writing the same output, then the initializer the int4 tensor was named after."""
-    ref_view = GraphView(reference.graph, reference.ir_version)
-    names = [p.input[1] for p in reference.graph.node
+    names = [p.input[1] for p in ref_view.graph.node
              if p.op_type == "MatMul" and p.output and p.output[0] == node.output[0] and len(p.input) > 1]
     names.append(re.sub(r"_int4(_\d+)?$", "", node.input[1]))
     for name in dict.fromkeys(names):
