@@ -9,6 +9,10 @@ alone, from the all-strongest model (a layer may seem harmless alone and not in 
 error of the whole assignment is measured again after every step). With every unit left alone the
 error is 0, so the budget always holds in the end.
 
+`allocate(tunable, error_of, size, target)` answers the other question: not "as far as the budget
+allows" but "this much in all, where it hurts least" (a pruning ratio spread over the layers by
+their measured sensitivity instead of the same ratio everywhere).
+
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
 of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
 of a model falls below the reference's).
@@ -98,6 +102,46 @@ def fit(tunable: Tunable, error_of: ErrorOf, max_error: float, progress: Progres
         if current[unit] > 0 and error > max_error:
             heapq.heappush(queue, (-gain_of_step(unit, current[unit]), order, unit))
     return Fit(current, error_before, error, max_error, gains, len(measured))
+
+
+@dataclasses.dataclass
+class Allocation:
+    strengths: dict[str, int]  # unit -> index into its strengths
+    size: int  # what the assignment removes in all (at least the target)
+    predicted: float  # the units' errors measured alone, summed
+    error: float  # the assignment's error, measured
+    evaluations: int  # models built and measured
+
+
+def allocate(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int], target: int,
+             progress: Progress | None = None) -> Allocation:
+    """The strengths that remove at least `target` in all (`size(unit, strength index)`: channels,
+    weights) at the least error. Each unit's error is measured alone at each of its strengths (the
+    others left alone) and the errors are taken to add up, which holds while they are small; the
+    cheapest combination is then exact, by dynamic programming over the amount removed (amounts
+    beyond the target count as the target). The chosen assignment's error is measured once."""
+    progress = progress or Progress(False)
+    units = list(tunable.units())
+    alone = {u: [0.0] + [error_of(tunable.build({v: (s if v == u else 0) for v in units}))
+                         for s in range(1, len(tunable.strengths(u)))]
+             for u in progress(units, "sensitivity", "unit")}
+    best: dict[int, tuple[float, int, tuple[int, ...]]] = {0: (0.0, 0, ())}  # capped amount -> (error, amount, choice)
+    for unit in units:
+        reached: dict[int, tuple[float, int, tuple[int, ...]]] = {}
+        for error, amount, choice in best.values():
+            for s, unit_error in enumerate(alone[unit]):
+                total = amount + size(unit, s)
+                candidate = (error + unit_error, total, choice + (s,))
+                key = min(total, target)
+                if key not in reached or candidate[:2] < reached[key][:2]:
+                    reached[key] = candidate
+        best = reached
+    if target not in best:
+        raise ValueError(f"the units cannot remove {target} in all (at most {max(best)})")
+    predicted, amount, choice = best[target]
+    strengths = dict(zip(units, choice))
+    return Allocation(strengths, amount, predicted, error_of(tunable.build(strengths)),
+                      sum(len(alone[u]) - 1 for u in units) + 1)
 
 
 def _spread_batches(data) -> list[dict]:

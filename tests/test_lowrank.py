@@ -177,6 +177,29 @@ def test_the_budget_factors_a_matrix_as_far_as_the_error_allows():
     assert not report.passes[0]["changed"]
 
 
+def test_measured_allocation_removes_as_many_weights_where_it_hurts_least():
+    """Two 48 x 48 MatMuls reading x, their outputs added, the first of rank 6: at ratio 0.5 (rank 12
+    each), the measured allocation factors the first further (exact down to rank 6) and spares the
+    second."""
+    size = 48
+    inits = {"W1": low_rank(size, size, 6), "W2": (RNG.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="first"),
+             helper.make_node("MatMul", ["x", "W2"], ["h2"], name="second"), helper.make_node("Add", ["h1", "h2"], ["y"])]
+    model = model_of(nodes, inits, ["n", size], ["n", size])
+    feeds, held_out = feeds_for(model, 256), feeds_for(model, 256)
+    results = {}
+    for allocation in ("uniform", "measured"):
+        out, report = onnxopt.optimize(model, f"lowrank:ratio=0.5,keep_if_slower=false,allocation={allocation}",
+                                       calib=feeds, compare=False)
+        weights = sum(int(np.prod(t.dims)) for t in out.graph.initializer if len(t.dims) == 2)
+        results[allocation] = (weights, report.passes[0]["details"]["ranks"], relative_error(model, out, held_out))
+    (uniform_weights, uniform_ranks, uniform_error), (weights, ranks, error) = results["uniform"], results["measured"]
+    assert uniform_ranks == {"first": 12, "second": 12} and weights <= uniform_weights
+    assert ranks["first"] < 12 and ranks.get("second", size) > 12
+    assert error < 0.9 * uniform_error
+    assert any("spread over 2 matrices by measured sensitivity" in n for n in report.passes[0]["notes"])
+
+
 def test_quant_after_lowrank_quantizes_both_factors():
     model = matmul_model()
     feeds = feeds_for(model, 128)
@@ -193,6 +216,7 @@ def test_quant_after_lowrank_quantizes_both_factors():
     ("lowrank:ratio=0.5,rank=4", "give one of ratio, rank, energy and max_error"),
     ("lowrank:rank=100", "rank=100 is larger than every matrix allows"),
     ("lowrank:energy=1.2", "energy must be in \\(0, 1\\]"),
+    ("lowrank:allocation=measured", "allocation=measured spreads a ratio: give ratio="),
 ])
 def test_bad_options_are_one_line(spec, message):
     model = matmul_model()

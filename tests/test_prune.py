@@ -186,12 +186,47 @@ def test_unstructured_sparsity_zeros_each_row_by_ratio():
     assert len(checks) == 7 and all(c.holds and c.pattern == "unstructured" for c in checks)
 
 
+def two_layer_mlp() -> onnx.ModelProto:
+    """x[N, 16] -> 32 -> Relu -> 32 -> Relu -> 8; 24 of the second hidden layer's 32 units barely
+    reach the output (their rows of the last weight are 1e-3 as large)."""
+    rng = np.random.default_rng(3)
+    w = [(rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32) for shape in ((16, 32), (32, 32), (32, 8))]
+    w[2][8:] *= 1e-3
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["m0"]), helper.make_node("Relu", ["m0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w1"], ["m1"]), helper.make_node("Relu", ["m1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [numpy_helper.from_array(v, f"w{i}") for i, v in enumerate(w)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_measured_allocation_removes_as_much_where_it_hurts_least():
+    model = two_layer_mlp()
+    calib = {"x": RNG.standard_normal((256, 16)).astype(np.float32)}
+    held_out = {"x": RNG.standard_normal((256, 16)).astype(np.float32)}
+    results = {}
+    for allocation in ("uniform", "measured"):
+        pruned, report = onnxopt.optimize(model, f"prune:ratio=0.5,round_to=1,keep_if_slower=false,samples=256,"
+                                                 f"allocation={allocation}", calib=calib, compare=False)
+        shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+        ref, got = ort_run(model, held_out)[0], ort_run(pruned, held_out)[0]
+        results[allocation] = (shapes["w0"][1], shapes["w1"][1], float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+    (u0, u1, uniform_error), (m0, m1, measured_error) = results["uniform"], results["measured"]
+    assert (u0, u1) == (16, 16) and m0 + m1 == 32  # as many units in all
+    assert m1 < m0  # the second layer's nearly silent units go first
+    assert measured_error < 0.75 * uniform_error
+    assert any("spread over 2 groups by measured sensitivity" in n for n in report.passes[0]["notes"])
+
+
 @pytest.mark.parametrize("spec, message", [
     ("prune:ratio=1.0", "ratio must be in \\[0, 1\\)"),
     ("prune:ratio=-0.1", "ratio must be in \\[0, 1\\)"),
     ("prune:structure=4:4", "N:M sparsity needs 0 < N < M"),
     ("prune:structure=rows", "structure must be channels, heads, unstructured or N:M"),
     ("prune:ratio=0.5,max_error=0.01", "give ratio or max_error, not both"),
+    ("prune:allocation=measured", "allocation=measured spreads a ratio: give ratio= too"),
+    ("prune:ratio=0.5,allocation=measured,structure=2:4", "allocation=measured applies to structure=channels"),
 ])
 def test_bad_options_are_one_line(spec, message):
     with pytest.raises(OnnxoptError, match=message):
@@ -201,6 +236,8 @@ def test_bad_options_are_one_line(spec, message):
 def test_recover_without_data_and_no_prunable_layer_are_clear():
     with pytest.raises(OnnxoptError, match="prune:recover=true needs representative data"):
         onnxopt.optimize(residual_net(), "prune:ratio=0.5,recover=true", compare=False)
+    with pytest.raises(OnnxoptError, match="prune:allocation=measured needs representative data"):
+        onnxopt.optimize(residual_net(), "prune:ratio=0.5,allocation=measured", compare=False)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])

@@ -46,6 +46,10 @@ class LowRankOptions:
                                               "no ratio, rank or energy is given)")
     levels: tuple[float, ...] = option((0.75, 0.5, 0.375, 0.25), "max_error: the parameter fractions a matrix "
                                                                  "may keep")
+    allocation: Literal["uniform", "measured"] = option(
+        "uniform", "with ratio: uniform factors every matrix to that fraction of its parameters; measured removes "
+                   "as many parameters in all, spread over the matrices by their measured sensitivity (each alone "
+                   "at a half to twice the ratio, on the representative data)")
     method: Optional[Literal["whitened", "asvd", "svd"]] = option(
         None, "whitened: truncated SVD whitened by the inputs' Gram matrix (default with data); asvd: input "
               "channels scaled by their RMS^0.5; svd: plain SVD of the weight (default without data)")
@@ -77,6 +81,8 @@ class LowRankOptions:
             raise ValueError("rank must be >= 1")
         if any(not 0 < level < 1 for level in self.levels):
             raise ValueError("levels must lie in (0, 1)")
+        if self.allocation == "measured" and (self.ratio is None or self.compensate):
+            raise ValueError("allocation=measured spreads a ratio: give ratio= (and not compensate=true)")
         if self.compensate and (self.ratio is not None or self.energy is not None):
             raise ValueError("compensate=true takes rank= or max_error=, not ratio= or energy=")
         if any(r < 1 for r in self.ranks):
@@ -102,6 +108,9 @@ class LowRank(Pass):
             what = f"method={options.method}" if options.method else "the error budget (max_error)"
             raise OnnxoptError(f"lowrank: {what} needs representative data", "give calib data, or ratio=/rank= "
                                "with method=svd")
+        if ctx.data is None and options.allocation == "measured":
+            raise OnnxoptError("lowrank:allocation=measured needs representative data", "give calib data, or "
+                               "allocation=uniform")
         if ctx.data is None and options.refit:
             raise OnnxoptError("lowrank:refit=true needs representative data", "give calib data")
         constants_to_initializers(model.graph)
@@ -139,6 +148,8 @@ class LowRank(Pass):
             return PassResult(model, changed=False, skipped=skipped[:40], notes=notes, details=details)
         if budgeted:
             chosen = self._budget(model, layers, choices, wanted, build, batches, ctx, notes, details)
+        elif options.allocation == "measured":
+            chosen = self._allocate(model, layers, choices, wanted, build, batches, ctx, notes, details)
         else:
             chosen = {i: choices[i][-1] for i in wanted}
         if not chosen:
@@ -178,6 +189,9 @@ class LowRank(Pass):
             ranks = [options.rank]
         elif options.energy is not None:
             ranks = [decomposition.rank_for_energy(options.energy)]
+        elif options.ratio is not None and options.allocation == "measured":  # a half to twice the ratio
+            kept_fractions = [options.ratio * k / 4 for k in range(2, 9)]
+            ranks = sorted({layer.rank_for(f) for f in kept_fractions if f < 1}, reverse=True)
         elif options.ratio is not None:
             ranks = [layer.rank_for(options.ratio)]
         else:
@@ -200,22 +214,51 @@ class LowRank(Pass):
 
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
-
-        class Matrices:
-            def units(self):
-                return [str(i) for i in wanted]
-
-            def strengths(self, unit):
-                return (None, *choices[int(unit)])
-
-            def build(self, strengths):
-                return build({i: choices[i][strengths[str(i)] - 1] for i in wanted if strengths[str(i)]})
-
-        fit = budget.fit(Matrices(), error_of, max_error, ctx.progress)
+        fit = budget.fit(_MatrixChoices(wanted, choices, build), error_of, max_error, ctx.progress)
         notes.append(f"error budget {max_error} on the {measure}: error {fit.error_after:.4g} "
                      f"(every matrix at its lowest rank: {fit.error_before:.4g}), {fit.evaluations} models measured")
         details.update(max_error=max_error, error=fit.error_after)
         return {i: choices[i][fit.strengths[str(i)] - 1] for i in wanted if fit.strengths[str(i)]}
+
+    def _allocate(self, model, layers, choices, wanted, build, batches, ctx, notes, details) -> dict[int, int]:
+        """As many weights removed in all as `ratio` everywhere would remove (where that pays), spread
+        over the matrices where the measured error is least (`onnxopt.budget.allocate`)."""
+        from onnxopt import budget
+
+        def removed(i: int, rank: int | None) -> int:
+            k, n = layers[i].matrix.shape
+            return 0 if rank is None else k * n - rank * (k + n)
+
+        uniform = {i: layers[i].rank_for(self.options.ratio) for i in wanted}
+        target = sum(removed(i, r) for i, r in uniform.items() if r in choices[i])
+        error_of, measure = budget.output_error(model, batches)
+        plan = budget.allocate(_MatrixChoices(wanted, choices, build), error_of,
+                               lambda unit, s: removed(int(unit), choices[int(unit)][s - 1] if s else None), target,
+                               ctx.progress)
+        chosen = {i: choices[i][plan.strengths[str(i)] - 1] for i in wanted if plan.strengths[str(i)]}
+        notes.append(f"ratio {self.options.ratio} spread over {len(wanted)} matrices by measured sensitivity: "
+                     f"{plan.size} weights removed (the same ratio everywhere: {target}), {len(chosen)} matrices "
+                     f"factored; {measure}: {plan.error:.4g} (the matrices' errors alone add up to "
+                     f"{plan.predicted:.4g}; {plan.evaluations} models measured)")
+        details.update(allocation="measured", error=plan.error)
+        return chosen
+
+
+class _MatrixChoices:
+    """The matrices as the error budget's units (`onnxopt.budget.Tunable`): strength 0 leaves one
+    whole, strength s factors it at its s-th rank in `choices` (weakest first)."""
+
+    def __init__(self, wanted: list[int], choices: list[list[int]], build):
+        self.wanted, self.choices, self._build = wanted, choices, build
+
+    def units(self):
+        return [str(i) for i in self.wanted]
+
+    def strengths(self, unit):
+        return (None, *self.choices[int(unit)])
+
+    def build(self, strengths):
+        return self._build({i: self.choices[i][strengths[str(i)] - 1] for i in self.wanted if strengths[str(i)]})
 
 
 def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int, int], batches, ctx) -> None:

@@ -44,6 +44,10 @@ class PruneOptions:
     max_error: Optional[float] = option(None, "largest 1 - cosine of the outputs on the representative data; "
                                               "the error budget chooses a ratio per group")
     levels: tuple[float, ...] = option((0.125, 0.25, 0.375, 0.5), "max_error: the ratios a group may take")
+    allocation: Literal["uniform", "measured"] = option(
+        "uniform", "with ratio: uniform removes that fraction of every group; measured removes as many units in all, "
+                   "spread over the groups by their measured sensitivity (each group alone at up to twice the "
+                   "ratio, on the representative data)")
     importance: Optional[Literal["magnitude", "activation", "obs"]] = option(
         None, "how units are chosen: magnitude (no data needed), activation (|W| x ||x||), obs (greedy "
               "Optimal Brain Surgeon on the input Gram matrix); default obs with data, magnitude without")
@@ -71,6 +75,10 @@ class PruneOptions:
                 raise ValueError(f"N:M sparsity needs 0 < N < M, not {self.structure}")
         if any(not 0 < level < 1 for level in self.levels):
             raise ValueError("levels must lie in (0, 1)")
+        if self.allocation == "measured" and self.ratio is None:
+            raise ValueError("allocation=measured spreads a ratio: give ratio= too")
+        if self.allocation == "measured" and self.structure not in ("channels", "heads"):
+            raise ValueError("allocation=measured applies to structure=channels or heads")
         if self.round_to < 1 or self.samples < 1 or self.batch_size < 1:
             raise ValueError("round_to, samples and batch_size must be >= 1")
 
@@ -89,9 +97,12 @@ class Prune(Pass):
             from .sparsity import sparsify
 
             return sparsify(model, ctx, options)
-        if ctx.data is None and (options.recover or options.importance in ("activation", "obs")):
-            raise OnnxoptError(f"prune:{'recover=true' if options.recover else 'importance=' + options.importance} "
-                               "needs representative data", "give calib data, or use importance=magnitude")
+        if ctx.data is None and (options.recover or options.importance in ("activation", "obs")
+                                 or options.allocation == "measured"):
+            what = ("recover=true" if options.recover else "allocation=measured" if options.allocation == "measured"
+                    else "importance=" + options.importance)
+            raise OnnxoptError(f"prune:{what} needs representative data", "give calib data, or use "
+                               "importance=magnitude and allocation=uniform")
         notes: list[str] = []
         constants_to_initializers(model.graph)
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
@@ -107,7 +118,12 @@ class Prune(Pass):
         stats = collect(model, consumers(groups, view), batches, ctx.progress,
                                 label="pruning statistics") if batches is not None else {}
         notes += _sample_notes(stats, recover)
-        levels = sorted({options.ratio} if options.ratio is not None else set(options.levels))
+        if options.ratio is None:
+            levels = sorted(options.levels)
+        elif options.allocation == "measured":  # up to twice the ratio, in quarters of it
+            levels = [options.ratio * k / 4 for k in range(1, 9) if options.ratio * k / 4 < 1]
+        else:
+            levels = [options.ratio]
         orders = {id(g): importance_.removal_order(g, view, stats, self._removed(g, max(levels)), method)
                   for g in ctx.progress(groups, "choosing units", "group")}
 
@@ -115,7 +131,9 @@ class Prune(Pass):
             removals = [(g, orders[id(g)][:self._removed(g, ratios[id(g)])]) for g in groups]
             return _pruned(model, removals, stats if recover else {})
 
-        if options.ratio is not None:
+        if options.ratio is not None and options.allocation == "measured":
+            ratios, details = self._allocate(model, groups, levels, build, batches, ctx, notes)
+        elif options.ratio is not None:
             ratios = {id(g): options.ratio for g in groups}
             details = {"ratio": options.ratio}
         else:
@@ -180,23 +198,48 @@ class Prune(Pass):
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
         strengths = (0.0, *levels)
-
-        class Groups:
-            def units(self):
-                return [str(i) for i in range(len(groups))]
-
-            def strengths(self, unit):
-                return strengths
-
-            def build(self, chosen):
-                return build({id(g): strengths[chosen[str(i)]] for i, g in enumerate(groups)})
-
-        fit = budget.fit(Groups(), error_of, max_error, ctx.progress)
+        fit = budget.fit(_GroupChoices(groups, strengths, build), error_of, max_error, ctx.progress)
         ratios = {id(g): strengths[fit.strengths[str(i)]] for i, g in enumerate(groups)}
         notes.append(f"error budget {max_error} on the {measure}: error {fit.error_after:.4g} "
                      f"(every group at {max(levels)}: {fit.error_before:.4g}), {fit.evaluations} models measured")
         return ratios, {"max_error": max_error, "error": fit.error_after,
                         "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
+
+    def _allocate(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
+        """As many units removed in all as `ratio` everywhere would remove, spread over the groups
+        where the measured error is least (`onnxopt.budget.allocate`)."""
+        from onnxopt import budget
+
+        error_of, measure = budget.output_error(model, batches)
+        strengths = (0.0, *levels)
+        target = sum(self._removed(g, self.options.ratio) for g in groups)
+        plan = budget.allocate(_GroupChoices(groups, strengths, build), error_of,
+                               lambda unit, s: self._removed(groups[int(unit)], strengths[s]), target, ctx.progress)
+        ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
+        chosen = sorted(ratios.values())
+        notes.append(f"ratio {self.options.ratio} spread over {len(groups)} groups by measured sensitivity: "
+                     f"{plan.size} units removed (the same ratio everywhere: {target}), ratios {chosen[0]:.3g} to "
+                     f"{chosen[-1]:.3g}; {measure}: {plan.error:.4g} (the groups' errors alone add up to "
+                     f"{plan.predicted:.4g}; {plan.evaluations} models measured)")
+        return ratios, {"ratio": self.options.ratio, "allocation": "measured", "error": plan.error,
+                        "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
+
+
+class _GroupChoices:
+    """The groups as the error budget's units (`onnxopt.budget.Tunable`), each at one of `strengths`
+    (ratios, 0 first)."""
+
+    def __init__(self, groups: list[Group], strengths: tuple[float, ...], build):
+        self.groups, self._strengths, self._build = groups, strengths, build
+
+    def units(self):
+        return [str(i) for i in range(len(self.groups))]
+
+    def strengths(self, unit):
+        return self._strengths
+
+    def build(self, chosen):
+        return self._build({id(g): self._strengths[chosen[str(i)]] for i, g in enumerate(self.groups)})
 
 
 def _pruned(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]], stats) -> onnx.ModelProto:
