@@ -70,6 +70,7 @@ def case(name: str, quick: bool) -> dict:
         images, labels = digits.heldout()
         candidates = {
             "onnxopt 50%": ("onnxopt:fold,fuse,prune:ratio=0.5", "plain"),
+            "onnxopt 50% measured": ("onnxopt:fold,fuse,prune:ratio=0.5,allocation=measured", "plain"),
             "onnxopt 50% magnitude, no refit": ("onnxopt:fold,fuse,prune:ratio=0.5,importance=magnitude,recover=false",
                                                 "plain"),
             "onnxsim structured 50%": ("onnxsim:structured_pruning:0.5", "simplified"),
