@@ -1,5 +1,6 @@
 """Operator fusion (`fuse`): BatchNormalization and per-channel affine Mul/Add into the op before them,
-MatMul+Add into Gemm, a scalar Mul/Div into the weights of the linear ops before it (`fuse_scale`).
+MatMul+Add into Gemm, a scalar Mul/Div into the weights of the linear ops before it (`fuse_scale`),
+and a floor under masked Softmax inputs, so that ONNX Runtime's CPU Softmax stays fast (`fuse_softmax`).
 
 Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
 s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
@@ -17,10 +18,12 @@ from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
 from onnxopt.graph import GraphView, NameGenerator, attribute, infer_value_info, scopes
+from onnxopt.opsets import default_opset
 from onnxopt.rewrite import Match, Replacement, apply_rules_everywhere
 from onnxopt.surgery import remove_unused_initializers
 
 from .fuse_scale import ScalarIntoLinear
+from .fuse_softmax import SoftmaxFloor
 
 
 class ConvBatchNorm:
@@ -199,13 +202,16 @@ class FuseOptions:
     gemm: bool = option(True, "turn MatMul+Add with a constant 2-D weight into Gemm")
     scalar: bool = option(True, "fold Mul/Div by a scalar constant (attention's 1/sqrt(d)) into the weights "
                                 "of the linear ops before it")
+    softmax_floor: bool = option(True, "raise a masked Softmax's inputs (a Softmax reading an Add or Where) to at "
+                                       "least the row's max - 80: ORT's CPU Softmax is ~10x slower where exp "
+                                       "underflows; outputs change by < 2e-35 (see fuse_softmax.py)")
 
 
 class FuseOps(Pass):
     """Fold BatchNormalization into the Conv/ConvTranspose before it (grouped ConvTranspose included)
     and per-channel constant Mul/Add into the Conv/BN before them; MatMul+Add into Gemm where Gemm can
     express it (2-D input, constant weight, row bias); a Mul/Div by a scalar constant (attention's
-    1/sqrt(d)) into the weights of the linear ops before it."""
+    1/sqrt(d)) into the weights of the linear ops before it; a floor under masked Softmax inputs."""
 
     name = "fuse"
     Options = FuseOptions
@@ -221,7 +227,10 @@ class FuseOps(Pass):
             rules.append(MatMulAddToGemm())
         if self.options.scalar:
             rules += [ScalarIntoLinear("Mul"), ScalarIntoLinear("Div")]
-        value_info = infer_value_info(model) if self.options.gemm or self.options.affine else None
+        if self.options.softmax_floor:
+            rules.append(SoftmaxFloor(default_opset(model)))
+        value_info = infer_value_info(model) if self.options.gemm or self.options.affine or \
+            self.options.softmax_floor else None
         outcome = apply_rules_everywhere(model, rules, value_info)
         if outcome.counts:
             for graph, _ in scopes(model):

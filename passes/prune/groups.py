@@ -34,6 +34,7 @@ UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "
          "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu", "ThresholdedRelu", "Clip", "Not"}
 BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "PRelu", "Equal", "Greater", "Less",
              "And", "Or", "Xor", "Mod", "Sum", "Mean", "BitShift"}
+REDUCE = {"ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 SHAPE_READERS = {"Shape", "Size"}  # read a tensor's dims, not its values: they follow the new size
 
@@ -238,6 +239,8 @@ class _Finder:
                     (op != "LayerNormalization" and tensor_axis == axis):
                 raise Blocked(f"{op} normalizes over that axis of {node.input[0]}")
             return [same(node.input[0], tensor_axis), same(node.output[0], tensor_axis)]
+        if op in REDUCE:
+            return self._reduce(node, slot, position, same)
         if op in POOLS:
             if slot.axis > 1:
                 raise Blocked(f"{op} pools over that axis")
@@ -265,6 +268,22 @@ class _Finder:
         if op == "Split":
             return self._split(node, slot, width, is_output)
         return self._block(op, "has no pruning rule")
+
+    def _reduce(self, node, slot: Slot, position, same) -> list:
+        """A reduction that keeps its dims (keepdims=1) over axes other than the channel's: the
+        channel axis passes through (`fuse`'s Softmax floor reduces each attention row this way)."""
+        if position and position[0] > 0:
+            raise Blocked(f"it reaches {node.op_type}'s axes")
+        axes = attribute(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            constant = self.view.constant(node.input[1])
+            axes = None if constant is None else constant.reshape(-1).tolist()
+        if axes is None or not attribute(node, "keepdims", 1):
+            raise Blocked(f"{node.op_type} reduces all axes, computed axes or drops them")
+        rank = self._rank(node.input[0])
+        if slot.axis in {int(a) % rank for a in axes}:
+            raise Blocked(f"{node.op_type} reduces over that axis of {node.input[0]}")
+        return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
 
     @staticmethod
     def _block(op: str, why: str):
