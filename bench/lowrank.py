@@ -103,8 +103,12 @@ def targets(results: dict) -> list[str]:
         c.check("MiniLM factorization with calibration < 60 s", r["seconds"] < 60, f"{r['seconds']:.0f} s")
     if r := c.row("minilm", "onnxopt max_error=0.02 (all matrices)"):
         s = c.speed("minilm", "onnxopt max_error=0.02 (all matrices)")
-        c.check("MiniLM max_error=0.02: >= 1.15x at b8 with cosine >= 0.98", s >= 1.15 and r["accuracy"]["cosine"] >= 0.98,
-                f"{s:.2f}x, cosine {r['accuracy']['cosine']:.4f}")
+        factored = r["params_m"] < results["minilm"]["fp32"]["params_m"] - 0.01
+        # fold,fuse alone is faster than fp32 (fuse's Softmax floor: 1.18x on 2026-12-06): the speed must come
+        # with a factorization, not from a model the speed guard kept whole
+        c.check("MiniLM max_error=0.02: >= 1.15x at b8 with cosine >= 0.98, matrices factored",
+                factored and s >= 1.15 and r["accuracy"]["cosine"] >= 0.98,
+                f"{s:.2f}x, cosine {r['accuracy']['cosine']:.4f}, {r['params_m']:.3f} M weights")
     both, quant = c.row("minilm", "onnxopt lowrank max_error=0.02,quant"), c.row("minilm", "onnxopt fold,fuse,quant")
     if both and quant:
         s_both, s_quant = c.speed("minilm", "onnxopt lowrank max_error=0.02,quant"), c.speed("minilm", "onnxopt fold,fuse,quant")
