@@ -4,7 +4,8 @@ unstructured sparsity recorded in the model for sparse runtimes.
 Structured pruning removes whole units of a channel group (`groups.py`): Conv output channels,
 FFN neurons, attention heads, with every tensor tied to them. Which units go is decided per group
 (`importance.py`: magnitude without data; with representative data, an OBS-style greedy choice on
-the consumers' Gram matrices by default), how many by `ratio` or by an error budget
+the consumers' Gram matrices by default), how many by `ratio` (the same in every group, or with
+`allocation=measured` as many units in all, spread by measured sensitivity) or by an error budget
 (`onnxopt.budget`: per-group ratios from measured sensitivity, within `max_error`). The layers that
 read a pruned group are then refit by least squares on the data (`recover.py`), and the tensors
 shrink (`shrink.py`). The speed guard keeps the input where the result is not faster.
