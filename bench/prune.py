@@ -290,7 +290,7 @@ def targets(results: dict) -> list[str]:
     for r in ("onnxopt FFN 25%", "onnxopt FFN 25% measured"):
         if c.row("minilm", r):
             value = c.acc("minilm", r, "cosine")
-            c.check(f"MiniLM {r[8:]}: cosine >= 0.985", value >= 0.985, f"{value:.4f}")
+            c.check(f"MiniLM {r.removeprefix('onnxopt ')}: cosine >= 0.985", value >= 0.985, f"{value:.4f}")
     for ratio in ("25%", "50%"):
         uniform, measured = f"onnxopt FFN {ratio}", f"onnxopt FFN {ratio} measured"
         if c.row("minilm", uniform) and c.row("minilm", measured):

@@ -127,10 +127,11 @@ def allocate(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int
              for u in progress(units, "sensitivity", "unit")}
     best: dict[int, tuple[float, int, tuple[int, ...]]] = {0: (0.0, 0, ())}  # capped amount -> (error, amount, choice)
     for unit in units:
+        removed = [size(unit, s) for s in range(len(alone[unit]))]
         reached: dict[int, tuple[float, int, tuple[int, ...]]] = {}
         for error, amount, choice in best.values():
             for s, unit_error in enumerate(alone[unit]):
-                total = amount + size(unit, s)
+                total = amount + removed[s]
                 candidate = (error + unit_error, total, choice + (s,))
                 key = min(total, target)
                 if key not in reached or candidate[:2] < reached[key][:2]:

@@ -132,59 +132,56 @@ def test_the_budget_chooses_per_layer_bits_and_holds(samples):
     assert worst_cosine_error(model, loose, samples) > 0.03
 
 
+class AdditiveUnits:
+    """budget.Tunable over a table {unit: error at each strength}: the "model" is the assignment
+    itself, and its error is the sum of the units' errors (`error_of`)."""
+
+    def __init__(self, errors: dict[str, tuple[float, ...]]):
+        self.errors = errors
+
+    def units(self):
+        return list(self.errors)
+
+    def strengths(self, unit):
+        return self.errors[unit]
+
+    def build(self, strengths):
+        return strengths
+
+    def error_of(self, strengths) -> float:
+        return sum(self.errors[u][s] for u, s in strengths.items())
+
+
 def test_fit_steps_units_down_several_strengths():
     """Three units whose error adds up: 'a' hurts most, so it is stepped down first and furthest."""
-    cost = {"a": (0.0, 0.01, 0.05, 0.3), "b": (0.0, 0.001, 0.002, 0.01), "c": (0.0, 0.0, 0.0, 0.001)}
-
-    class Toy:
-        def units(self):
-            return list(cost)
-
-        def strengths(self, unit):
-            return cost[unit]
-
-        def build(self, strengths):
-            return strengths
-
-    fit = budget.fit(Toy(), lambda strengths: sum(cost[u][s] for u, s in strengths.items()), max_error=0.02)
+    toy = AdditiveUnits({"a": (0.0, 0.01, 0.05, 0.3), "b": (0.0, 0.001, 0.002, 0.01), "c": (0.0, 0.0, 0.0, 0.001)})
+    fit = budget.fit(toy, toy.error_of, max_error=0.02)
     # a: 0.3 -> 0.05 (0.061 in all), -> 0.01 (0.021), -> 0 (0.011 <= 0.02); b and c never needed
     assert fit.strengths == {"a": 0, "b": 3, "c": 3}
     assert fit.error_before == pytest.approx(0.311) and fit.error_after == pytest.approx(0.011)
     assert fit.gains == pytest.approx({"a": 0.25, "b": 0.008, "c": 0.001})
-    assert fit.stepped_down(Toy()) == ["a"] and fit.evaluations == 6  # all strongest, 3 single steps (a's first is the first move), a at 1 and 0
+    assert fit.stepped_down(toy) == ["a"] and fit.evaluations == 6  # all strongest, 3 single steps (a's first is the first move), a at 1 and 0
 
 
 def test_allocate_finds_the_cheapest_combination_that_removes_the_target():
     """Errors that add up: the dynamic programme must find what trying every combination finds."""
     import itertools
 
-    error = {"a": (0.0, 0.001, 0.004, 0.02), "b": (0.0, 0.002, 0.005, 0.006), "c": (0.0, 0.0, 0.01, 0.03)}
+    toy = AdditiveUnits({"a": (0.0, 0.001, 0.004, 0.02), "b": (0.0, 0.002, 0.005, 0.006), "c": (0.0, 0.0, 0.01, 0.03)})
+    error, error_of = toy.errors, toy.error_of
     removes = {"a": (0, 4, 8, 12), "b": (0, 2, 4, 6), "c": (0, 8, 16, 24)}
 
-    class Toy:
-        def units(self):
-            return list(error)
-
-        def strengths(self, unit):
-            return error[unit]
-
-        def build(self, strengths):
-            return strengths
-
-    def error_of(strengths):
-        return sum(error[u][s] for u, s in strengths.items())
-
     for target in (6, 14, 20, 30, 42):
-        plan = budget.allocate(Toy(), error_of, lambda u, s: removes[u][s], target)
+        plan = budget.allocate(toy, error_of, lambda u, s: removes[u][s], target)
         feasible = [dict(zip(error, c)) for c in itertools.product(range(4), repeat=3)
                     if sum(removes[u][s] for u, s in zip(error, c)) >= target]
         assert plan.predicted == pytest.approx(min(error_of(c) for c in feasible))
         assert plan.size >= target and plan.error == pytest.approx(plan.predicted)
         assert plan.evaluations == 3 * 3 + 1  # each unit alone at each strength, then the chosen one
     # 14: c's first step (8, free) with a's and b's first (4 + 2, 0.001 + 0.002) beats a's second (8, 0.004)
-    assert budget.allocate(Toy(), error_of, lambda u, s: removes[u][s], 14).strengths == {"a": 1, "b": 1, "c": 1}
+    assert budget.allocate(toy, error_of, lambda u, s: removes[u][s], 14).strengths == {"a": 1, "b": 1, "c": 1}
     with pytest.raises(ValueError, match="cannot remove 43"):
-        budget.allocate(Toy(), error_of, lambda u, s: removes[u][s], 43)
+        budget.allocate(toy, error_of, lambda u, s: removes[u][s], 43)
 
 
 def test_the_speed_guard_keeps_the_input_when_the_output_is_slower(samples):
