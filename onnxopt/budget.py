@@ -9,9 +9,10 @@ alone, from the all-strongest model (a layer may seem harmless alone and not in 
 error of the whole assignment is measured again after every step). With every unit left alone the
 error is 0, so the budget always holds in the end.
 
-`allocate(tunable, error_of, size, target)` answers the other question: not "as far as the budget
+`allocate(tunable, error_of, size, target)` answers another question: not "as far as the budget
 allows" but "this much in all, where it hurts least" (a pruning ratio spread over the layers by
-their measured sensitivity instead of the same ratio everywhere).
+their measured sensitivity instead of the same ratio everywhere). `largest(tunable, error_of, size,
+max_error)` turns it round: the most removed in all whose error holds, from the same measurements.
 
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
 of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
@@ -120,38 +121,81 @@ def allocate(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int
     others left alone) and the errors are taken to add up, which holds while they are small; the
     cheapest combination is then exact, by dynamic programming over the amount removed (amounts
     beyond the target count as the target). The chosen assignment's error is measured once."""
-    progress = progress or Progress(False)
     units = list(tunable.units())
-    alone = {u: [0.0] + [error_of(tunable.build({v: (s if v == u else 0) for v in units}))
-                         for s in range(1, len(tunable.strengths(u)))]
-             for u in progress(units, "sensitivity", "unit")}
-    best: dict[int, tuple[float, int, tuple[int, ...]]] = {0: (0.0, 0, ())}  # capped amount -> (error, amount, choice)
+    alone = _errors_alone(tunable, error_of, units, progress)
+    frontier = _frontier(units, alone, size, cap=target)
+    if frontier[-1][1] < target:
+        raise ValueError(f"the units cannot remove {target} in all (at most {frontier[-1][1]})")
+    predicted, _, choice = frontier[-1]
+    strengths = dict(zip(units, choice))
+    return Allocation(strengths, sum(size(u, s) for u, s in strengths.items()), predicted, error_of(tunable.build(strengths)),
+                      sum(len(e) - 1 for e in alone.values()) + 1)
+
+
+def largest(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int], max_error: float,
+            progress: Progress | None = None, check: ErrorOf | None = None) -> Allocation:
+    """The strengths that remove the most in all (`size` as for `allocate`) with the error within
+    `max_error`: each unit's error measured alone at each strength, the errors taken to add up, the
+    largest combination whose summed error fits is exact by dynamic programming (a knapsack), and it
+    is then measured by `check` (default `error_of`; other samples than the ones the choice was
+    made on, since a choice made on a few samples flatters them). Where the measured error is over
+    the budget, the summed budget is lowered by the ratio they were off and the next largest is
+    measured, until one holds; all units left alone always does."""
+    check = check or error_of
+    units = list(tunable.units())
+    alone = _errors_alone(tunable, error_of, units, progress)
+    frontier = _frontier(units, alone, size, cap=None)
+    evaluations = sum(len(e) - 1 for e in alone.values())
+    allowed = max_error
+    while True:
+        fitting = [state for state in frontier if state[0] <= allowed]
+        predicted, amount, choice = fitting[-1] if fitting else (0.0, 0, (0,) * len(units))
+        strengths = dict(zip(units, choice))
+        error = check(tunable.build(strengths))
+        evaluations += 1
+        if error <= max_error or not fitting or amount == 0:
+            return Allocation(strengths, amount, predicted, error, evaluations)
+        allowed = min(predicted * max_error / error, predicted - 1e-12)  # always below the one just measured
+
+
+def _errors_alone(tunable: Tunable, error_of: ErrorOf, units: list[str],
+                  progress: Progress | None) -> dict[str, list[float]]:
+    """Each unit's error at each of its strengths, the others left alone (0 at strength 0)."""
+    progress = progress or Progress(False)
+    return {u: [0.0] + [error_of(tunable.build({v: (s if v == u else 0) for v in units}))
+                        for s in range(1, len(tunable.strengths(u)))]
+            for u in progress(units, "sensitivity", "unit")}
+
+
+def _frontier(units: list[str], alone: dict[str, list[float]], size: Callable[[str, int], int],
+              cap: int | None) -> list[tuple[float, int, tuple[int, ...]]]:
+    """The combinations of strengths not beaten on both counts (an amount at least as large at an
+    error at most as large), as (summed error, amount, strength per unit), by amount ascending; with
+    `cap`, amounts beyond it count as `cap`. Dynamic programming unit by unit: a combination beaten
+    so far is beaten whatever the remaining units add, so only the frontier is carried."""
+    states = [(0.0, 0, ())]
     for unit in units:
         removed = [size(unit, s) for s in range(len(alone[unit]))]
-        reached: dict[int, tuple[float, int, tuple[int, ...]]] = {}
-        for error, amount, choice in best.values():
-            for s, unit_error in enumerate(alone[unit]):
-                total = amount + removed[s]
-                candidate = (error + unit_error, total, choice + (s,))
-                key = min(total, target)
-                if key not in reached or candidate[:2] < reached[key][:2]:
-                    reached[key] = candidate
-        best = reached
-    if target not in best:
-        raise ValueError(f"the units cannot remove {target} in all (at most {max(best)})")
-    predicted, amount, choice = best[target]
-    strengths = dict(zip(units, choice))
-    return Allocation(strengths, amount, predicted, error_of(tunable.build(strengths)),
-                      sum(len(alone[u]) - 1 for u in units) + 1)
+        grown = [(error + unit_error, amount + removed[s], choice + (s,))
+                 for error, amount, choice in states for s, unit_error in enumerate(alone[unit])]
+        if cap is not None:
+            grown = [(e, min(a, cap), c) for e, a, c in grown]
+        states = []
+        for state in sorted(grown, key=lambda st: (-st[1], st[0])):  # largest amount first, least error first
+            if not states or state[0] < states[-1][0]:
+                states.append(state)
+        states.reverse()
+    return states
 
 
-def _spread_batches(data) -> list[dict]:
-    """About EVAL_SAMPLES samples in batches spread over the data: when padding is cut, samples are
-    batched by length and the first batches alone would be the shortest sentences."""
+def _spread_batches(data, offset: float = 0.5) -> list[dict]:
+    """About EVAL_SAMPLES samples in batches spread over the data (`offset` places them within each
+    stretch: another offset gives other batches): when padding is cut, samples are batched by length
+    and the first batches alone would be the shortest sentences."""
     count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
     if count and size:
         wanted = min(count, -(-EVAL_SAMPLES // size))
-        chosen = {int((i + 0.5) * count / wanted) for i in range(wanted)}
+        chosen = {int((i + offset) * count / wanted) for i in range(wanted)}
         return [batch for index, batch in enumerate(data) if index in chosen]
     feeds, seen = [], 0
     for batch in data:
@@ -162,10 +206,11 @@ def _spread_batches(data) -> list[dict]:
     return feeds
 
 
-def output_error(reference: onnx.ModelProto, data) -> tuple[ErrorOf, str]:
+def output_error(reference: onnx.ModelProto, data, offset: float = 0.5) -> tuple[ErrorOf, str]:
     """1 - cosine of a model's outputs to the reference's on ~EVAL_SAMPLES samples of `data` (the
-    worst output and batch count), and a description for reports."""
-    feeds = _spread_batches(data)
+    worst output and batch count), and a description for reports. Another `offset` measures on other
+    batches (where the data has enough): a check of a choice made on the first."""
+    feeds = _spread_batches(data, offset)
     session = make_session(reference)
     reference_outputs = [run(session, f) for f in feeds]
     del session

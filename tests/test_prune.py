@@ -219,6 +219,25 @@ def test_measured_allocation_removes_as_much_where_it_hurts_least():
     assert any("spread over 2 groups by measured sensitivity" in n for n in report.passes[0]["notes"])
 
 
+def test_the_error_budget_removes_the_most_that_stays_within_it():
+    model = two_layer_mlp()
+    calib = {"x": RNG.standard_normal((256, 16)).astype(np.float32)}
+    held_out = {"x": RNG.standard_normal((256, 16)).astype(np.float32)}
+    ref = ort_run(model, held_out)[0].ravel()
+    kept = []
+    for max_error in (0.001, 0.05, 0.3):
+        pruned, report = onnxopt.optimize(model, f"prune:max_error={max_error},round_to=1,keep_if_slower=false,"
+                                                 f"samples=256", calib=calib, compare=False)
+        shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+        kept.append((shapes["w0"][1], shapes["w1"][1]))
+        got = ort_run(pruned, held_out)[0].ravel()
+        assert 1 - ref @ got / np.linalg.norm(ref) / np.linalg.norm(got) < 2 * max_error  # on data it did not see
+        assert report.passes[0]["details"]["error"] <= max_error  # on other samples than it chose on
+    # the tightest budget takes only the second layer's silent units (its strongest level, half); looser
+    # ones go on into the first layer, and the loosest takes both to half
+    assert kept[0] == (32, 16) and kept[1][0] < 32 and kept[1][1] == 16 and kept[2] == (16, 16)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("prune:ratio=1.0", "ratio must be in \\[0, 1\\)"),
     ("prune:ratio=-0.1", "ratio must be in \\[0, 1\\)"),

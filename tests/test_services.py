@@ -184,6 +184,36 @@ def test_allocate_finds_the_cheapest_combination_that_removes_the_target():
         budget.allocate(toy, error_of, lambda u, s: removes[u][s], 43)
 
 
+def test_largest_removes_the_most_that_the_budget_allows():
+    """Errors that add up: the knapsack must find what trying every combination finds."""
+    import itertools
+
+    toy = AdditiveUnits({"a": (0.0, 0.001, 0.004, 0.02), "b": (0.0, 0.002, 0.005, 0.006), "c": (0.0, 0.0, 0.01, 0.03)})
+    removes = {"a": (0, 4, 8, 12), "b": (0, 2, 4, 6), "c": (0, 8, 16, 24)}
+    for max_error in (0.0, 0.003, 0.011, 0.02, 0.05, 1.0):
+        plan = budget.largest(toy, toy.error_of, lambda u, s: removes[u][s], max_error)
+        fitting = [dict(zip(toy.errors, c)) for c in itertools.product(range(4), repeat=3)
+                   if toy.error_of(dict(zip(toy.errors, c))) <= max_error]
+        assert plan.size == max(sum(removes[u][s] for u, s in c.items()) for c in fitting)
+        assert plan.error <= max_error and plan.evaluations == 3 * 3 + 1
+    # 0.011: c's free first step with a's second and b's last (8 + 8 + 6 at 0.010) beat c's second with a's
+    # first (16 + 4 at 0.011)
+    assert budget.largest(toy, toy.error_of, lambda u, s: removes[u][s], 0.011).strengths == {"a": 2, "b": 3, "c": 1}
+
+
+def test_largest_aims_lower_when_the_errors_do_not_add_up():
+    """Units that hurt more together than alone: the first choice measures over the budget, so the
+    budget on the summed errors is lowered until a measured one holds."""
+    toy = AdditiveUnits({"a": (0.0, 0.004, 0.008), "b": (0.0, 0.004, 0.008)})
+    together = lambda strengths: toy.error_of(strengths) * (1 + sum(strengths.values()))  # noqa: E731
+    plan = budget.largest(toy, together, lambda u, s: s, max_error=0.02)
+    # alone: 0.008 at strength 1, 0.024 at 2; both at 1 sum to 0.016 but measure 0.024, so one unit at 1
+    assert plan.error <= 0.02 and plan.evaluations == 2 * 2 + 2
+    assert plan.size == 1 and plan.error == pytest.approx(0.008)
+    nothing = budget.largest(toy, lambda strengths: 1.0 if any(strengths.values()) else 0.0, lambda u, s: s, 0.5)
+    assert nothing.strengths == {"a": 0, "b": 0} and nothing.error == 0.0
+
+
 def test_the_speed_guard_keeps_the_input_when_the_output_is_slower(samples):
     model = mlp()
     out, report = onnxopt.optimize(model, [RoundWeights(RoundOptions(max_error=0.9, slow_down=200))],

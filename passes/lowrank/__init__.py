@@ -210,30 +210,31 @@ class LowRank(Pass):
         return kept
 
     def _budget(self, model, layers, choices, wanted, build, batches, ctx, notes, details) -> dict[int, int]:
+        """The most weights removed whose measured output error stays within `max_error`, each matrix
+        at one of its ranks or whole (`onnxopt.budget.largest`: each matrix measured alone at each)."""
         from onnxopt import budget
 
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
-        fit = budget.fit(_MatrixChoices(wanted, choices, build), error_of, max_error, ctx.progress)
-        notes.append(f"error budget {max_error} on the {measure}: error {fit.error_after:.4g} "
-                     f"(every matrix at its lowest rank: {fit.error_before:.4g}), {fit.evaluations} models measured")
-        details.update(max_error=max_error, error=fit.error_after)
-        return {i: choices[i][fit.strengths[str(i)] - 1] for i in wanted if fit.strengths[str(i)]}
+        check, _ = budget.output_error(model, batches, offset=0.0)
+        plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of,
+                              lambda unit, s: _removed(layers[int(unit)], choices[int(unit)][s - 1] if s else None),
+                              max_error, ctx.progress, check)
+        notes.append(f"error budget {max_error} on the {measure}: error {plan.error:.4g} on others, {plan.size} weights removed "
+                     f"(the matrices' errors alone add up to {plan.predicted:.4g}; {plan.evaluations} models measured)")
+        details.update(max_error=max_error, error=plan.error)
+        return {i: choices[i][plan.strengths[str(i)] - 1] for i in wanted if plan.strengths[str(i)]}
 
     def _allocate(self, model, layers, choices, wanted, build, batches, ctx, notes, details) -> dict[int, int]:
         """As many weights removed in all as `ratio` everywhere would remove (where that pays), spread
         over the matrices where the measured error is least (`onnxopt.budget.allocate`)."""
         from onnxopt import budget
 
-        def removed(i: int, rank: int | None) -> int:
-            k, n = layers[i].matrix.shape
-            return 0 if rank is None else k * n - rank * (k + n)
-
         uniform = {i: layers[i].rank_for(self.options.ratio) for i in wanted}
-        target = sum(removed(i, r) for i, r in uniform.items() if r in choices[i])
+        target = sum(_removed(layers[i], r) for i, r in uniform.items() if r in choices[i])
         error_of, measure = budget.output_error(model, batches)
         plan = budget.allocate(_MatrixChoices(wanted, choices, build), error_of,
-                               lambda unit, s: removed(int(unit), choices[int(unit)][s - 1] if s else None), target,
+                               lambda unit, s: _removed(layers[int(unit)], choices[int(unit)][s - 1] if s else None), target,
                                ctx.progress)
         chosen = {i: choices[i][plan.strengths[str(i)] - 1] for i in wanted if plan.strengths[str(i)]}
         notes.append(f"ratio {self.options.ratio} spread over {len(wanted)} matrices by measured sensitivity: "
@@ -242,6 +243,12 @@ class LowRank(Pass):
                      f"{plan.predicted:.4g}; {plan.evaluations} models measured)")
         details.update(allocation="measured", error=plan.error)
         return chosen
+
+
+def _removed(layer: Layer, rank: int | None) -> int:
+    """Weights that factoring `layer` at `rank` saves (None: left whole)."""
+    k, n = layer.matrix.shape
+    return 0 if rank is None else k * n - rank * (k + n)
 
 
 class _MatrixChoices:

@@ -192,18 +192,26 @@ class Prune(Pass):
         return {n: np.shape(values[fetch[n]]) for n in names if fetch.get(n) in values}
 
     def _budget(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
+        """The most weights removed whose measured output error stays within `max_error`, each group at
+        one of `levels` (`onnxopt.budget.largest`: each group measured alone at each level)."""
         from onnxopt import budget
 
         if batches is None:
             raise OnnxoptError("prune's error budget needs representative data", "give calib data, or a ratio")
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
+        check, _ = budget.output_error(model, batches, offset=0.0)
         strengths = (0.0, *levels)
-        fit = budget.fit(_GroupChoices(groups, strengths, build), error_of, max_error, ctx.progress)
-        ratios = {id(g): strengths[fit.strengths[str(i)]] for i, g in enumerate(groups)}
-        notes.append(f"error budget {max_error} on the {measure}: error {fit.error_after:.4g} "
-                     f"(every group at {max(levels)}: {fit.error_before:.4g}), {fit.evaluations} models measured")
-        return ratios, {"max_error": max_error, "error": fit.error_after,
+        view = GraphView(model.graph, model.ir_version)
+        per_unit = [_weights_per_unit(g, view) for g in groups]
+        plan = budget.largest(_GroupChoices(groups, strengths, build), error_of,
+                              lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
+                              max_error, ctx.progress, check)
+        ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
+        notes.append(f"error budget {max_error} on the {measure}: error {plan.error:.4g} on others, {plan.size} weights "
+                     f"removed (the groups' errors alone add up to {plan.predicted:.4g}; {plan.evaluations} models "
+                     f"measured)")
+        return ratios, {"max_error": max_error, "error": plan.error,
                         "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
 
     def _allocate(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
@@ -224,6 +232,17 @@ class Prune(Pass):
                      f"{plan.predicted:.4g}; {plan.evaluations} models measured)")
         return ratios, {"ratio": self.options.ratio, "allocation": "measured", "error": plan.error,
                         "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
+
+
+def _weights_per_unit(group: Group, view: GraphView) -> int:
+    """The weights one unit of `group` holds across its constant members (a Conv channel's fan-in
+    and the next layer's fan-out, an FFN neuron's row and column): what removing it saves."""
+    total = 0
+    for member in group.members:
+        value = view.constant(member.slot.tensor)
+        if value is not None and value.ndim:
+            total += member.width * value.size // value.shape[member.slot.axis]
+    return total
 
 
 class _GroupChoices:
