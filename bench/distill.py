@@ -31,7 +31,7 @@ from prune import Checks, parser_for, run_bench  # noqa: E402
 from quant import _embedding_accuracy, _top1  # noqa: E402
 
 MINILM_TRAIN = 28000
-MINILM_DISTILL = "distill:epochs=2,lr=3e-4,threads=2"
+MINILM_DISTILL = "distill:epochs=4,lr=3e-4,threads=2"
 # layer-wise: each layer's output (after its LayerNorm) matched to the teacher's, and the embeddings
 HIDDEN = ";".join(f"/model/encoder/layer.{i}/output/LayerNorm/LayerNormalization_output_0" for i in range(5))
 STUDENT_DISTILL = "distill:student=models.minilm:student,epochs=3,lr=3e-4,threads=2"

@@ -189,6 +189,29 @@ def test_training_brings_the_student_to_the_teacher_deterministically(teacher_an
     assert trained.SerializeToString() == again.SerializeToString()  # same seed, same weights
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train_and_the_report_names_the_one_used(teacher_and_student, precision):
+    teacher_path, student, data = teacher_and_student
+    trained, report = onnxopt.optimize(student, f"distill:teacher={teacher_path},epochs=4,lr=3e-3,loss=mse,"
+                                                f"precision={precision}", train=data, compare=False, runs=0)
+    details = report.passes[0]["details"]
+    assert details["precision"] == precision
+    assert details["held_out_loss_after"] < 0.5 * details["held_out_loss_before"]  # measured in float32 both ways
+    assert all(t.data_type == onnx.TensorProto.FLOAT for t in trained.graph.initializer)  # weights stay float32
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    import torch
+
+    from onnxopt.passes.distill import _precision
+
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert _precision(torch, "auto") == expected
+        assert _precision(torch, "fp32") == "fp32" and _precision(torch, "bf16") == "bf16"
+
+
 def test_auto_loss_is_kl_on_class_scores():
     from onnxopt.passes.distill.train import loss_kinds
 
@@ -248,6 +271,7 @@ def test_without_torch_one_line_says_how_to_install_it(teacher_and_student, monk
 
 @pytest.mark.parametrize("spec, message", [
     ("distill:epochs=0", "epochs"), ("distill:lr=0", "lr"), ("distill:outputs=nope", "no tensor 'nope'"),
+    ("distill:precision=fp16", "precision"),
 ])
 def test_bad_options_fail_in_one_line(teacher_and_student, spec, message):
     teacher_path, student, data = teacher_and_student
