@@ -299,3 +299,10 @@ def test_sequence_and_optional_inputs_are_read_from_test_data_sets(tmp_path, cap
     np.savez(tmp_path / "array.npz", s=np.ones(3, np.float32))
     with pytest.raises(OnnxoptError, match="input 's' is a sequence, not a ndarray"):
         load_feeds(tmp_path / "array.npz", model)
+
+
+def test_minilm_calibration_never_reaches_the_evaluation_sentences():
+    from models import minilm
+
+    with pytest.raises(ValueError, match="overlap the evaluation sentences"):
+        minilm.calibration_npz(minilm.EVAL_OFFSET + 1)
