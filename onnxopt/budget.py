@@ -12,7 +12,9 @@ error is 0, so the budget always holds in the end.
 `allocate(tunable, error_of, size, target)` answers another question: not "as far as the budget
 allows" but "this much in all, where it hurts least" (a pruning ratio spread over the layers by
 their measured sensitivity instead of the same ratio everywhere). `largest(tunable, error_of, size,
-max_error)` turns it round: the most removed in all whose error holds, from the same measurements.
+max_error)` turns it round: the most removed in all whose error holds, from the same measurements,
+checked on other samples than the ones it chose on. `prune` and `lowrank` use it for `max_error`
+(they remove amounts: channels, weights); `quant:auto` and `lowrank:compensate` use `fit`.
 
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
 of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
@@ -128,7 +130,8 @@ def allocate(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int
         raise ValueError(f"the units cannot remove {target} in all (at most {frontier[-1][1]})")
     predicted, _, choice = frontier[-1]
     strengths = dict(zip(units, choice))
-    return Allocation(strengths, sum(size(u, s) for u, s in strengths.items()), predicted, error_of(tunable.build(strengths)),
+    amount = sum(size(u, s) for u, s in strengths.items())
+    return Allocation(strengths, amount, predicted, error_of(tunable.build(strengths)),
                       sum(len(e) - 1 for e in alone.values()) + 1)
 
 

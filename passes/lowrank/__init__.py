@@ -217,9 +217,8 @@ class LowRank(Pass):
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
         check, _ = budget.output_error(model, batches, offset=0.0)
-        plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of,
-                              lambda unit, s: _removed(layers[int(unit)], choices[int(unit)][s - 1] if s else None),
-                              max_error, ctx.progress, check)
+        plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of, _sizes(layers, choices), max_error,
+                              ctx.progress, check)
         notes.append(f"error budget {max_error} on the {measure}: error {plan.error:.4g} on others, {plan.size} weights removed "
                      f"(the matrices' errors alone add up to {plan.predicted:.4g}; {plan.evaluations} models measured)")
         details.update(max_error=max_error, error=plan.error)
@@ -233,8 +232,7 @@ class LowRank(Pass):
         uniform = {i: layers[i].rank_for(self.options.ratio) for i in wanted}
         target = sum(_removed(layers[i], r) for i, r in uniform.items() if r in choices[i])
         error_of, measure = budget.output_error(model, batches)
-        plan = budget.allocate(_MatrixChoices(wanted, choices, build), error_of,
-                               lambda unit, s: _removed(layers[int(unit)], choices[int(unit)][s - 1] if s else None), target,
+        plan = budget.allocate(_MatrixChoices(wanted, choices, build), error_of, _sizes(layers, choices), target,
                                ctx.progress)
         chosen = {i: choices[i][plan.strengths[str(i)] - 1] for i in wanted if plan.strengths[str(i)]}
         notes.append(f"ratio {self.options.ratio} spread over {len(wanted)} matrices by measured sensitivity: "
@@ -249,6 +247,11 @@ def _removed(layer: Layer, rank: int | None) -> int:
     """Weights that factoring `layer` at `rank` saves (None: left whole)."""
     k, n = layer.matrix.shape
     return 0 if rank is None else k * n - rank * (k + n)
+
+
+def _sizes(layers: list[Layer], choices: list[list[int]]):
+    """The budget's size of a unit at a strength: the weights removed at that rank."""
+    return lambda unit, s: _removed(layers[int(unit)], choices[int(unit)][s - 1] if s else None)
 
 
 class _MatrixChoices:
