@@ -219,8 +219,9 @@ class LowRank(Pass):
         check, _ = budget.output_error(model, batches, offset=0.0)
         plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of, _sizes(layers, choices), max_error,
                               ctx.progress, check)
-        notes.append(f"error budget {max_error} on the {measure}: error {plan.error:.4g} on others, {plan.size} weights removed "
-                     f"(the matrices' errors alone add up to {plan.predicted:.4g}; {plan.evaluations} models measured)")
+        notes.append(f"error budget {max_error} on the {measure}: {plan.size} weights removed, error {plan.error:.4g} "
+                     f"checked on other samples (the matrices' errors alone add up to {plan.predicted:.4g}; "
+                     f"{plan.evaluations} models measured)")
         details.update(max_error=max_error, error=plan.error)
         return {i: choices[i][plan.strengths[str(i)] - 1] for i in wanted if plan.strengths[str(i)]}
 

@@ -208,9 +208,9 @@ class Prune(Pass):
                               lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
                               max_error, ctx.progress, check)
         ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
-        notes.append(f"error budget {max_error} on the {measure}: error {plan.error:.4g} on others, {plan.size} weights "
-                     f"removed (the groups' errors alone add up to {plan.predicted:.4g}; {plan.evaluations} models "
-                     f"measured)")
+        notes.append(f"error budget {max_error} on the {measure}: {plan.size} weights removed, error {plan.error:.4g} "
+                     f"checked on other samples (the groups' errors alone add up to {plan.predicted:.4g}; "
+                     f"{plan.evaluations} models measured)")
         return ratios, {"max_error": max_error, "error": plan.error,
                         "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
 
