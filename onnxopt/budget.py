@@ -13,7 +13,9 @@ error is 0, so the budget always holds in the end.
 allows" but "this much in all, where it hurts least" (a pruning ratio spread over the layers by
 their measured sensitivity instead of the same ratio everywhere). `largest(tunable, error_of, size,
 max_error)` turns it round: the most removed in all whose error holds, from the same measurements,
-checked on other samples than the ones it chose on. `prune` and `lowrank` use it for `max_error`
+checked on other samples than the ones it chose on, which the pass leaves out of what it fits
+(`without_check`: a refit or a whitening fit on the check's samples flatters them too). `prune` and
+`lowrank` use it for `max_error`
 (they remove amounts: channels, weights); `quant:auto` and `lowrank:compensate` use `fit`.
 
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
@@ -207,6 +209,36 @@ def _spread_batches(data, offset: float = 0.5) -> list[dict]:
         if seen >= EVAL_SAMPLES:
             break
     return feeds
+
+
+CHECK_OFFSET = 0.0  # where `largest`'s check samples lie (the choice is made on those at 0.5)
+
+
+def without_check(data):
+    """`data` less the batches `output_error(..., offset=CHECK_OFFSET)` measures on: what a pass fits
+    its statistics on (a refit, a whitening), so that the budget's check sees samples it did not."""
+    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
+    if not (count and size) or count < 4:
+        return data  # too few batches to spare some (or unknown): the check shares the fit's samples
+    wanted = min(count, -(-EVAL_SAMPLES // size))
+    return _Without(data, {int((i + CHECK_OFFSET) * count / wanted) for i in range(wanted)})
+
+
+class _Without:
+    """A batch stream with some batches (by index) left out; anything else is the stream's."""
+
+    def __init__(self, data, skip: set[int]):
+        self._data, self._skip = data, skip
+
+    def __iter__(self):
+        return (batch for index, batch in enumerate(self._data) if index not in self._skip)
+
+    @property
+    def num_batches(self) -> int:
+        return self._data.num_batches - len(self._skip)
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
 
 
 def output_error(reference: onnx.ModelProto, data, offset: float = 0.5) -> tuple[ErrorOf, str]:

@@ -214,6 +214,22 @@ def test_largest_aims_lower_when_the_errors_do_not_add_up():
     assert nothing.strengths == {"a": 0, "b": 0} and nothing.error == 0.0
 
 
+def test_the_checks_samples_are_left_out_of_what_a_pass_fits_on():
+    class Stream:  # ten batches of 8, numbered
+        num_batches, batch_size = 10, 8
+
+        def __iter__(self):
+            return iter([{"i": np.full(8, i)} for i in range(10)])
+
+    checked = {int(b["i"][0]) for b in budget._spread_batches(Stream(), budget.CHECK_OFFSET)}
+    chosen_on = {int(b["i"][0]) for b in budget._spread_batches(Stream())}
+    fitted = budget.without_check(Stream())
+    seen = {int(b["i"][0]) for b in fitted}
+    assert checked and not checked & seen and seen | checked == set(range(10)) and fitted.num_batches == 8
+    assert not checked & chosen_on  # the choice and its check measure on different batches
+    assert fitted.batch_size == 8  # the rest is the stream's
+
+
 def test_the_speed_guard_keeps_the_input_when_the_output_is_slower(samples):
     model = mlp()
     out, report = onnxopt.optimize(model, [RoundWeights(RoundOptions(max_error=0.9, slow_down=200))],

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import onnx
 from onnx import numpy_helper
 
-from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, option
+from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
 from onnxopt.graph import GraphView
 from onnxopt.layer_inputs import LayerInputStats, collect
 from onnxopt.manager import copy_model
@@ -124,7 +124,9 @@ class LowRank(Pass):
         notes = [] if ctx.data is not None else ["no representative data: plain SVD of the weights (accuracy will "
                                                  "suffer; give calib data for the activation-aware factors)"]
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
-        stats = _stats(model, layers, batches, ctx, gram=method == "whitened") if method != "svd" else {}
+        # with the error budget, its check's samples stay out of the statistics the factors are fit on
+        fitted = budget.without_check(batches) if budgeted and batches is not None else batches
+        stats = _stats(model, layers, fitted, ctx, gram=method == "whitened") if method != "svd" else {}
         decompositions = [decompose(layer, stats.get(i), method)
                           for i, layer in enumerate(ctx.progress(layers, "factoring", "matrix"))]
         if options.rank is not None and all(options.rank > min(layer.matrix.shape) for layer in layers):
@@ -212,11 +214,9 @@ class LowRank(Pass):
     def _budget(self, model, layers, choices, wanted, build, batches, ctx, notes, details) -> dict[int, int]:
         """The most weights removed whose measured output error stays within `max_error`, each matrix
         at one of its ranks or whole (`onnxopt.budget.largest`: each matrix measured alone at each)."""
-        from onnxopt import budget
-
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
-        check, _ = budget.output_error(model, batches, offset=0.0)
+        check, _ = budget.output_error(model, batches, offset=budget.CHECK_OFFSET)
         plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of, _sizes(layers, choices), max_error,
                               ctx.progress, check)
         notes.append(f"error budget {max_error} on the {measure}: {plan.size} weights removed, error {plan.error:.4g} "
@@ -228,8 +228,6 @@ class LowRank(Pass):
     def _allocate(self, model, layers, choices, wanted, build, batches, ctx, notes, details) -> dict[int, int]:
         """As many weights removed in all as `ratio` everywhere would remove (where that pays), spread
         over the matrices where the measured error is least (`onnxopt.budget.allocate`)."""
-        from onnxopt import budget
-
         uniform = {i: layers[i].rank_for(self.options.ratio) for i in wanted}
         target = sum(_removed(layers[i], r) for i, r in uniform.items() if r in choices[i])
         error_of, measure = budget.output_error(model, batches)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, option
+from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
 from onnxopt.graph import GraphView
 from onnxopt.layer_inputs import collect
 from onnxopt.manager import copy_model
@@ -116,7 +116,11 @@ class Prune(Pass):
         if batches is None:
             notes.append("no representative data: units chosen by weight magnitude, no refit (accuracy will suffer)")
         recover = options.recover if options.recover is not None else batches is not None
-        stats = collect(model, consumers(groups, view), batches, ctx.progress,
+        budgeted = options.ratio is None
+        # with the error budget, its check's samples stay out of the refit: checked on samples the refit
+        # saw, 160 sentences read 0.009 and scored 0.934 on MiniLM's evaluation sentences
+        fitted = budget.without_check(batches) if budgeted and batches is not None else batches
+        stats = collect(model, consumers(groups, view), fitted, ctx.progress,
                                 label="pruning statistics") if batches is not None else {}
         notes += _sample_notes(stats, recover)
         if options.ratio is None:
@@ -194,13 +198,11 @@ class Prune(Pass):
     def _budget(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
         """The most weights removed whose measured output error stays within `max_error`, each group at
         one of `levels` (`onnxopt.budget.largest`: each group measured alone at each level)."""
-        from onnxopt import budget
-
         if batches is None:
             raise OnnxoptError("prune's error budget needs representative data", "give calib data, or a ratio")
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
         error_of, measure = budget.output_error(model, batches)
-        check, _ = budget.output_error(model, batches, offset=0.0)
+        check, _ = budget.output_error(model, batches, offset=budget.CHECK_OFFSET)
         strengths = (0.0, *levels)
         view = GraphView(model.graph, model.ir_version)
         per_unit = [_weights_per_unit(g, view) for g in groups]
@@ -217,8 +219,6 @@ class Prune(Pass):
     def _allocate(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
         """As many units removed in all as `ratio` everywhere would remove, spread over the groups
         where the measured error is least (`onnxopt.budget.allocate`)."""
-        from onnxopt import budget
-
         error_of, measure = budget.output_error(model, batches)
         strengths = (0.0, *levels)
         target = sum(self._removed(g, self.options.ratio) for g in groups)
