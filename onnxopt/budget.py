@@ -13,10 +13,10 @@ error is 0, so the budget always holds in the end.
 allows" but "this much in all, where it hurts least" (a pruning ratio spread over the layers by
 their measured sensitivity instead of the same ratio everywhere). `largest(tunable, error_of, size,
 max_error)` turns it round: the most removed in all whose error holds, from the same measurements,
-checked on other samples than the ones it chose on, which the pass leaves out of what it fits
-(`without_check`: a refit or a whitening fit on the check's samples flatters them too). `prune` and
-`lowrank` use it for `max_error`
-(they remove amounts: channels, weights); `quant:auto` and `lowrank:compensate` use `fit`.
+checked on other samples than the ones it chose on (`choice_and_check`), which the pass leaves out of
+what it fits (`without_check`: a refit or a whitening fit on the check's samples flatters them too).
+`prune` and `lowrank` use it for `max_error` (they remove amounts: channels, weights); `quant:auto`
+and `lowrank:compensate` use `fit`.
 
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
 of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
@@ -197,10 +197,8 @@ def _spread_batches(data, offset: float = 0.5) -> list[dict]:
     """About EVAL_SAMPLES samples in batches spread over the data (`offset` places them within each
     stretch: another offset gives other batches): when padding is cut, samples are batched by length
     and the first batches alone would be the shortest sentences."""
-    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
-    if count and size:
-        wanted = min(count, -(-EVAL_SAMPLES // size))
-        chosen = {int((i + offset) * count / wanted) for i in range(wanted)}
+    chosen = _spread_indices(data, offset)
+    if chosen is not None:
         return [batch for index, batch in enumerate(data) if index in chosen]
     feeds, seen = [], 0
     for batch in data:
@@ -211,17 +209,25 @@ def _spread_batches(data, offset: float = 0.5) -> list[dict]:
     return feeds
 
 
+def _spread_indices(data, offset: float) -> set[int] | None:
+    """The indices of `_spread_batches`'s batches, where the data says how many it has."""
+    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
+    if not (count and size):
+        return None
+    wanted = min(count, -(-EVAL_SAMPLES // size))
+    return {int((i + offset) * count / wanted) for i in range(wanted)}
+
+
 CHECK_OFFSET = 0.0  # where `largest`'s check samples lie (the choice is made on those at 0.5)
 
 
 def without_check(data):
-    """`data` less the batches `output_error(..., offset=CHECK_OFFSET)` measures on: what a pass fits
-    its statistics on (a refit, a whitening), so that the budget's check sees samples it did not."""
-    count, size = getattr(data, "num_batches", None), getattr(data, "batch_size", None)
-    if not (count and size) or count < 4:
+    """`data` less the batches `choice_and_check`'s check measures on: what a pass fits its
+    statistics on (a refit, a whitening), so that the budget's check sees samples it did not."""
+    skip = _spread_indices(data, CHECK_OFFSET)
+    if skip is None or data.num_batches < 4:
         return data  # too few batches to spare some (or unknown): the check shares the fit's samples
-    wanted = min(count, -(-EVAL_SAMPLES // size))
-    return _Without(data, {int((i + CHECK_OFFSET) * count / wanted) for i in range(wanted)})
+    return _Without(data, skip)
 
 
 class _Without:
@@ -256,6 +262,14 @@ def output_error(reference: onnx.ModelProto, data, offset: float = 0.5) -> tuple
 
     samples = len(feeds) if getattr(data, "per_entry", False) else sum(len(next(iter(f.values()))) for f in feeds)
     return error, f"1 - cosine of the outputs on {samples} samples of representative data"
+
+
+def choice_and_check(reference: onnx.ModelProto, data) -> tuple[ErrorOf, ErrorOf, str]:
+    """`output_error` twice, on different batches: one to choose by, one for `largest` to check the
+    choice with (the batches `without_check` leaves out), and the description for reports."""
+    error_of, measure = output_error(reference, data)
+    check, _ = output_error(reference, data, offset=CHECK_OFFSET)
+    return error_of, check, measure
 
 
 def load_score(spec: str, purpose: str) -> Callable:

@@ -215,8 +215,7 @@ class LowRank(Pass):
         """The most weights removed whose measured output error stays within `max_error`, each matrix
         at one of its ranks or whole (`onnxopt.budget.largest`: each matrix measured alone at each)."""
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
-        error_of, measure = budget.output_error(model, batches)
-        check, _ = budget.output_error(model, batches, offset=budget.CHECK_OFFSET)
+        error_of, check, measure = budget.choice_and_check(model, batches)
         plan = budget.largest(_MatrixChoices(wanted, choices, build), error_of, _sizes(layers, choices), max_error,
                               ctx.progress, check)
         notes.append(f"error budget {max_error} on the {measure}: {plan.size} weights removed, error {plan.error:.4g} "

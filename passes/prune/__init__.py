@@ -142,7 +142,7 @@ class Prune(Pass):
             ratios = {id(g): options.ratio for g in groups}
             details = {"ratio": options.ratio}
         else:
-            ratios, details = self._budget(model, groups, levels, build, batches, ctx, notes)
+            ratios, details = self._budget(model, view, groups, levels, build, batches, ctx, notes)
         result = build(ratios)
         removed = {id(g): self._removed(g, ratios[id(g)]) for g in groups}
         if not any(removed.values()):
@@ -195,16 +195,14 @@ class Prune(Pass):
         values = dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
         return {n: np.shape(values[fetch[n]]) for n in names if fetch.get(n) in values}
 
-    def _budget(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
+    def _budget(self, model, view, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
         """The most weights removed whose measured output error stays within `max_error`, each group at
         one of `levels` (`onnxopt.budget.largest`: each group measured alone at each level)."""
         if batches is None:
             raise OnnxoptError("prune's error budget needs representative data", "give calib data, or a ratio")
         max_error = self.options.max_error if self.options.max_error is not None else DEFAULT_MAX_ERROR
-        error_of, measure = budget.output_error(model, batches)
-        check, _ = budget.output_error(model, batches, offset=budget.CHECK_OFFSET)
+        error_of, check, measure = budget.choice_and_check(model, batches)
         strengths = (0.0, *levels)
-        view = GraphView(model.graph, model.ir_version)
         per_unit = [_weights_per_unit(g, view) for g in groups]
         plan = budget.largest(_GroupChoices(groups, strengths, build), error_of,
                               lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
