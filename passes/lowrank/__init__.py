@@ -19,7 +19,6 @@ import re
 from typing import Literal, Optional
 
 import onnx
-from onnx import numpy_helper
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
 from onnxopt.graph import GraphView
@@ -28,7 +27,7 @@ from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers, remove_unused_initializers
 
 from .compensate import compensate
-from .factor import Decomposition, Layer, bias_tensors, decompose, eligible, factor_in_place, factor_tensors
+from .factor import Decomposition, Layer, decompose, eligible, factor_in_place
 from .pays import BreakEven
 from .refit import paired_grams, second_factor
 
@@ -159,7 +158,7 @@ class LowRank(Pass):
                               notes=notes, details=details)
         result = build(chosen)
         if options.refit:
-            _refit(model, result, layers, decompositions, chosen, batches, ctx)
+            result = _refit(model, result, layers, decompositions, chosen, batches, ctx)
         details["refit"] = options.refit
         tables = [_layer_table(layers, chosen, timing)]
         verdict = (ctx.guard.check_on_data(model, result, batches, ctx.sample_inputs)
@@ -269,8 +268,10 @@ class _MatrixChoices:
         return self._build({i: self.choices[i][strengths[str(i)] - 1] for i in self.wanted if strengths[str(i)]})
 
 
-def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int, int], batches, ctx) -> None:
-    """Second factors refit on the factored model's own inputs (`refit.py`), written into `result`."""
+def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int, int], batches,
+           ctx) -> onnx.ModelProto:
+    """`model` factored again with each second factor refit on the inputs `result` (the factored
+    model) gives its layer (`refit.py`)."""
     keyed = {f"{i}/{j}": node for i in chosen for j, node in enumerate(layers[i].nodes)}
     grams: dict[int, list] = {}
     for key, (gram_new, cross, _) in paired_grams(model, result, keyed, batches, ctx.progress).items():
@@ -280,14 +281,14 @@ def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int,
             grams[i][1] += cross
         else:
             grams[i] = [gram_new, cross]
-    initializers = {t.name: t for t in result.graph.initializer}
-    for i, (gram_new, cross) in grams.items():
-        a, _ = decompositions[i].factors(chosen[i])
-        b = second_factor(a, layers[i].matrix, gram_new, cross)
-        shift = decompositions[i].shift(layers[i].matrix, a, b)
-        for name, value in {**factor_tensors(layers[i], chosen[i], a, b),
-                            **bias_tensors(model, layers[i], chosen[i], shift)}.items():
-            initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+    refitted = copy_model(model)
+    for i, rank in chosen.items():
+        a, b = decompositions[i].factors(rank)
+        if i in grams:
+            b = second_factor(a, layers[i].matrix, *grams[i])
+        factor_in_place(refitted, layers[i], rank, a, b, decompositions[i].shift(layers[i].matrix, a, b))
+    remove_unused_initializers(refitted.graph)
+    return refitted
 
 
 def _stats(model, layers: list[Layer], batches, ctx: PassContext, gram: bool) -> dict[int, LayerInputStats]:
