@@ -54,6 +54,7 @@ def case(name: str, quick: bool) -> dict:
             "onnxopt whitened + refit, FFN rank 154": (f"onnxopt:fold,fuse,lowrank:ratio=0.5,refit=true,{FFN}", "plain"),
             "onnxopt max_error=0.02 (all matrices)": ("onnxopt:fold,fuse,lowrank:max_error=0.02,samples=1000", "plain"),
             "onnxopt fold,fuse,quant": ("onnxopt:fold,fuse,quant", "plain"),
+            "onnxopt whitened, FFN rank 154,quant": (f"onnxopt:fold,fuse,lowrank:ratio=0.5,{FFN},quant", "plain"),
             "onnxopt lowrank max_error=0.02,quant": ("onnxopt:fold,fuse,lowrank:max_error=0.02,samples=1000,quant",
                                                      "plain"),
             "onnxopt int4": ("onnxopt:fold,fuse,quant:bits=4", "plain"),

@@ -211,7 +211,23 @@ def run_model(name: str, quick: bool, workdir: Path, cases=None, rows: str | Non
             continue
         rows[row] = {**info, **weights(paths.get(row, paths["fp32"])), "timing": timings[row],
                      "accuracy": accuracy["fp32" if row == NOISE_ROW else row]}
+    if any("unstructured" in row or "2:4" in row for row in pruned):
+        rows["fp32"]["deflate_half_zeroed_mb"] = _deflate_half_zeroed(paths["fp32"])
     return rows
+
+
+def _deflate_half_zeroed(path: str) -> float:
+    """Deflate MB of the model with the smaller half (by magnitude) of every constant MatMul/Gemm
+    weight set to zero: what deflate makes of 50 % sparsity in those weights, whatever the method
+    (a reference for the deflate target, no accuracy claim)."""
+    model = onnx.load(path)
+    read = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
+    for init in model.graph.initializer:
+        if init.name in read and init.data_type == onnx.TensorProto.FLOAT:
+            w = numpy_helper.to_array(init).copy()
+            w[np.abs(w) < np.median(np.abs(w))] = 0
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    return len(zlib.compress(model.SerializeToString(), 6)) / 2**20
 
 
 def _outputs(paths: dict[str, str], feeds: dict) -> dict:
@@ -329,12 +345,16 @@ def targets(results: dict) -> list[str]:
         r = c.row("minilm", ours)
         if not r:
             continue
-        best = max((c.acc("minilm", p, "cosine") for p in peers if c.row("minilm", p)), default=float("nan"))
-        c.check(f"MiniLM {ours.removeprefix('onnxopt ')}: cosine ahead of onnxsim's best", r["accuracy"]["cosine"] > best,
-                f"{r['accuracy']['cosine']:.4f} vs {best:.4f}")
+        best = max((c.acc("minilm", p, "cosine") for p in peers if c.row("minilm", p)), default=None)
+        if best is not None:  # the peers' rows were run
+            c.check(f"MiniLM {ours.removeprefix('onnxopt ')}: cosine ahead of onnxsim's best",
+                    r["accuracy"]["cosine"] > best, f"{r['accuracy']['cosine']:.4f} vs {best:.4f}")
         c.check(f"MiniLM {ours.removeprefix('onnxopt ')}: file <= input, deflate <= 0.8x",
                 r["file_mb"] <= fp32["file_mb"] * 1.001 and r["deflate_mb"] <= 0.8 * fp32["deflate_mb"],
-                f"file {r['file_mb']:.1f} MB vs {fp32['file_mb']:.1f}, deflate {r['deflate_mb'] / fp32['deflate_mb']:.2f}x")
+                f"file {r['file_mb']:.1f} MB vs {fp32['file_mb']:.1f}, "
+                f"deflate {r['deflate_mb'] / fp32['deflate_mb']:.3f}x "
+                f"(the smaller half of each MatMul weight zeroed: "
+                f"{fp32.get('deflate_half_zeroed_mb', float('nan')) / fp32['deflate_mb']:.3f}x)")
     return c.lines
 
 
