@@ -133,6 +133,11 @@ def test_the_mean_shift_joins_the_bias_add_after_a_matmul_and_a_shared_bias_keep
     want, got = ort_run(model, {"x": x})[0], ort_run(factored, {"x": x})[0]
     np.testing.assert_allclose(got.mean(0), want.mean(0), atol=1e-3 * float(np.abs(want).max()))
     assert np.abs(got - want).max() > 1e-2 * float(np.abs(want).max())  # lossy: the check above can fail
+    # a bias the caller may override at run time (an initializer that is also a graph input) stays as it is
+    model.graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [N]))
+    factored, _ = onnxopt.optimize(model, "lowrank:rank=16,keep_if_slower=false", calib={"x": x}, compare=False)
+    assert [n.op_type for n in factored.graph.node] == ["MatMul", "MatMul", "Add", "Add", "Add"]
+    assert all(i == "b" for n in factored.graph.node[3:] for i in n.input[1:])
 
 
 def test_kxk_conv_factors_are_a_kxk_conv_to_rank_channels_then_a_1x1_conv():

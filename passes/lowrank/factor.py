@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxopt.graph import GraphView, attribute
+from onnxopt.graph import GraphView, attribute, subgraph_inputs
 from onnxopt.layer_inputs import LayerInputStats
 
 WHITEN_RIDGE = 1e-6  # of the mean input energy: keeps the Cholesky factor defined for dead channels
@@ -252,7 +252,7 @@ def _fold_into_bias_add(model: onnx.ModelProto, graph_nodes: list[onnx.NodeProto
     bias as exporters write it), under a new name, so that the factored MatMul needs no Add of its
     own: one more elementwise pass over a [tokens, N] tensor costs about as much as the thinner
     factor saves at int8. False (nothing changed) when there is no such Add."""
-    readers = [n for n in graph_nodes if output in n.input]
+    readers = [n for n in graph_nodes if output in n.input or output in subgraph_inputs(n)]
     if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
         return False
     add = readers[0]
@@ -260,8 +260,8 @@ def _fold_into_bias_add(model: onnx.ModelProto, graph_nodes: list[onnx.NodeProto
     if add.input[1 - slot] != output:
         return False  # x + x
     initializers = {t.name: t for t in model.graph.initializer}
-    if add.input[slot] not in initializers:
-        return False
+    if add.input[slot] not in initializers or add.input[slot] in {i.name for i in model.graph.input}:
+        return False  # computed, or an initializer a caller may override
     bias = numpy_helper.to_array(initializers[add.input[slot]])
     if bias.dtype != np.float32 or bias.size != shift.size or bias.shape[-1] != shift.size:
         return False
