@@ -46,7 +46,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, passes: str | list, set
     train = RepresentativeData(settings.train, settings.shapes) if settings.train is not None else None
     feeds, feeds_note = None, None
     if settings.compare or settings.verify == "numeric":
-        feeds, feeds_note = _feeds(original, settings, data or train)
+        feeds, feeds_note = _feeds(original, settings, data or train, _samples_read(pipeline))
     comparing = settings.compare and feeds is not None
     # Without a comparison the input is not needed after the first pass: holding it would keep a
     # second copy of a large model alive for the whole run (a pass that asks reloads it from its file).
@@ -135,22 +135,44 @@ def _files_below(source) -> list[Path]:
     return [f for f in Path(source).rglob("*") if f.is_file()]
 
 
-def _feeds(model: onnx.ModelProto, settings: RunSettings, data: RepresentativeData | None) -> tuple[dict, str | None]:
+def _feeds(model: onnx.ModelProto, settings: RunSettings, data: RepresentativeData | None,
+           read: int | None) -> tuple[dict, str | None]:
     """Inputs to compare the models on, and a note when they are not the user's `data`: without
     `data` or `shapes`, stored representative (or else training) data, a file, folder or dict, is
-    real input of the right shapes, which generated inputs of a dynamic-shaped model cannot be."""
+    real input of the right shapes, which generated inputs of a dynamic-shaped model cannot be.
+    Samples past the `read` that the passes use are taken first: a pass fits what it reads, so a
+    comparison on those samples would flatter it."""
     if isinstance(settings.data, dict):
         validate_feeds(settings.data, model, "the given data")
         return settings.data, None
     if settings.data is not None:
         return load_feeds(settings.data, model), None
     if data is not None and data.stored and not settings.shapes:
+        source = "calibration" if settings.calib is not None else "training"
+        if read and (held := data.held_out(model, read)) is not None:
+            feeds, samples = held
+            what = "one feed" if samples is None else f"{samples} samples"
+            return feeds, (f"compared on {what} of the {source} data that no pass read (they read the first "
+                           f"{read} at most); pass --data for inputs of your own")
         batches = data.batches(model, check=False)
         feeds = batches.first_batch()
         what = "one feed" if batches.per_entry or not feeds else f"{len(next(iter(feeds.values())))} samples"
-        source = "calibration" if settings.calib is not None else "training"
-        return feeds, f"compared on the first {source} batch ({what}); pass --data for held-out inputs"
+        fitted = ", which the passes also read" if read is None or read else ""
+        return feeds, f"compared on the first {source} batch ({what}){fitted}; pass --data for held-out inputs"
     return generate_inputs(model, settings.shapes), None
+
+
+def _samples_read(pipeline: list[Pass]) -> int | None:
+    """The most representative samples a pass of `pipeline` reads (its `samples` option); None when
+    a lossy pass has no such bound; 0 when no pass reads data (only lossy passes do)."""
+    counts = [0]
+    for p in pipeline:
+        if p.lossy:
+            samples = getattr(getattr(p, "options", None), "samples", None)
+            if not isinstance(samples, int):
+                return None
+            counts.append(samples)
+    return max(counts)
 
 
 def _compare(original, optimized, feeds, report: Report, settings: RunSettings) -> None:

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, parse
 from onnx import numpy_helper
 
-from onnxopt.data import RANDOM_SAMPLES, Batches, open_batches
+from onnxopt.data import RANDOM_SAMPLES, Batches, RepresentativeData, open_batches
 from onnxopt.errors import OnnxoptError
 
 DEMO_NPZ = ROOT / "models" / "demo_inputs.npz"
@@ -57,6 +57,16 @@ def test_npz_batches_cap_and_fingerprint(demo):
     assert sizes(capped) == [4, 2] and capped.num_samples == 6
     assert data.fingerprint() == open_batches(str(DEMO_NPZ), demo, batch_size=5).fingerprint()
     assert data.fingerprint() != capped.fingerprint()
+
+
+def test_held_out_samples_are_the_ones_after_what_a_pass_reads(demo):
+    data = RepresentativeData(DEMO_NPZ)
+    reference = np.load(DEMO_NPZ)["image"]  # 16 samples
+    for after, count, want in ((10, 8, reference[10:16]), (4, 8, reference[4:12]), (3, 5, reference[3:8])):
+        feeds, samples = data.held_out(demo, after, count)
+        np.testing.assert_array_equal(feeds["image"], want)
+        assert samples == len(want)
+    assert data.held_out(demo, 16) is None
 
 
 def test_npy_and_named_pb_directories_match_npz(demo, tmp_path):

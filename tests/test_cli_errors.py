@@ -290,6 +290,26 @@ def test_calibration_data_stands_in_for_shapes(demo, capsys):
     assert "compared on the first calibration batch" in out and "max abs error" in out
 
 
+def test_the_comparison_runs_on_calibration_samples_no_pass_read(demo, capsys, tmp_path):
+    """A pass fits the samples it reads, so comparing on them would flatter it: with more samples than
+    the passes read (`samples=`), the report compares on the next ones, as a comparison on them does."""
+    import onnxopt
+
+    report = tmp_path / "report.json"
+    optimized, rep = onnxopt.optimize(demo, "fold,quant:samples=8,keep_if_slower=false", calib=str(DEMO_INPUTS),
+                                      runs=0, report=str(report))
+    assert any("compared on 8 samples of the calibration data that no pass read (they read the first 8" in n
+               for n in rep.notes), rep.notes
+    held = {"image": np.load(DEMO_INPUTS)["image"][8:16]}
+    want = ort.InferenceSession(str(demo), providers=["CPUExecutionProvider"]).run(None, held)[0]
+    got = ort.InferenceSession(optimized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, held)[0]
+    assert rep.agreement.max_abs_error == pytest.approx(float(np.abs(got - want).max()), rel=1e-5)
+    # reading every sample leaves none out: the first batch, said to be fitted
+    _, rep = onnxopt.optimize(demo, "fold,quant:samples=16,keep_if_slower=false", calib=str(DEMO_INPUTS), runs=0)
+    assert any("compared on the first calibration batch (8 samples), which the passes also read" in n
+               for n in rep.notes), rep.notes
+
+
 def test_missing_calibration_file_is_named_before_shapes(demo, tmp_path, capsys):
     rc, _, err = cli(capsys, demo, "-p", "fold,quant", *FAST, "--calib", tmp_path / "missing.npz")
     assert_one_line_error(rc, err, "calibration data not found", "missing.npz")

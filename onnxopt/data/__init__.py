@@ -105,6 +105,24 @@ class RepresentativeData:
             batches.check_first_batch()
         return batches
 
+    def held_out(self, model: onnx.ModelProto, after: int, count: int = 8) -> tuple[Feeds, int | None] | None:
+        """(feeds, samples): up to `count` samples following the first `after` in the order given
+        (untrimmed; for data of one feed per entry, the one feed after them and None), or None when
+        the data holds no more than `after`: inputs a pass that read `after` samples at most has not fit."""
+        batches = self.batches(model, count, after + count, check=False)
+        seen, parts = 0, []
+        for chunk in batches.untrimmed():
+            size = 1 if batches.per_entry else _sample_count(chunk, self.description)
+            if seen + size > after:
+                if batches.per_entry:
+                    return chunk, None
+                start = max(0, after - seen)
+                parts.append({k: v[start:] if v.ndim else v for k, v in chunk.items()})
+            seen += size
+        if not parts:
+            return None
+        feeds = {k: np.concatenate([part[k] for part in parts]) if parts[0][k].ndim else parts[0][k] for k in parts[0]}
+        return feeds, seen - after
 
 
 def open_batches(source, model: onnx.ModelProto, batch_size: int = 8, samples: int | None = None, *,
