@@ -186,6 +186,29 @@ def test_unstructured_sparsity_zeros_each_row_by_ratio():
     assert len(checks) == 7 and all(c.holds and c.pattern == "unstructured" for c in checks)
 
 
+def test_zero_patterns_take_weights_in_constant_nodes_and_leave_shared_weights_whole():
+    """A weight in a Constant node is a weight; one read by two nodes would get zeros chosen for one
+    reader's inputs only, so it is left whole and named."""
+    model = two_layer_mlp()
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    del model.graph.initializer[:]
+    constants = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(w, name)) for name, w in
+                 weights.items() if name != "w1"]
+    model.graph.initializer.append(numpy_helper.from_array(weights["w1"], "w1"))
+    nodes = list(model.graph.node)
+    nodes[2].input[1] = "w1"  # h0 @ w1 and, below, m1b = h0 @ w1 as well
+    del model.graph.node[:]
+    model.graph.node.extend(constants + nodes + [helper.make_node("MatMul", ["h0", "w1"], ["m1b"])])
+    model.graph.output.append(helper.make_tensor_value_info("m1b", TensorProto.FLOAT, ["N", 32]))
+    x = RNG.standard_normal((64, 16)).astype(np.float32)
+    for structure in ("2:4", "unstructured,ratio=0.5"):
+        sparse, report = onnxopt.optimize(model, f"prune:structure={structure}", calib={"x": x}, compare=False)
+        values = {t.name: numpy_helper.to_array(t) for t in sparse.graph.initializer}
+        assert np.mean(values["w0"] == 0) == 0.5 and np.mean(values["w2"] == 0) == 0.5, structure
+        np.testing.assert_array_equal(values["w1"], weights["w1"])
+        assert any("weight is read by other nodes" in s for s in report.passes[-1]["skipped"])
+
+
 def two_layer_mlp() -> onnx.ModelProto:
     """x[N, 16] -> 32 -> Relu -> 32 -> Relu -> 8; 24 of the second hidden layer's 32 units barely
     reach the output (their rows of the last weight are 1e-3 as large)."""

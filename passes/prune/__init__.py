@@ -97,6 +97,7 @@ class Prune(Pass):
         if options.structure not in ("channels", "heads"):
             from .sparsity import sparsify
 
+            constants_to_initializers(model.graph)  # weights in Constant nodes are weights too
             return sparsify(model, ctx, options)
         if ctx.data is None and (options.recover or options.importance in ("activation", "obs")
                                  or options.allocation == "measured"):

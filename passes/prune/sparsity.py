@@ -38,17 +38,21 @@ def reduction_axis(node: onnx.NodeProto, weight: np.ndarray) -> int | None:
 def sparsify(model: onnx.ModelProto, ctx, options) -> PassResult:
     view = GraphView(model.graph, model.ir_version)
     patterns = [p for p in options.exclude.split(";") if p]
-    layers = []
+    layers, shared = [], []
     for node in model.graph.node:
         weight = view.constant(node.input[1]) if node.domain in ("", "ai.onnx") and len(node.input) > 1 else None
         if weight is None or weight.dtype.kind != "f":
+            continue
+        if len(view.consumers.get(node.input[1], [])) > 1 or node.input[1] not in view.initializers:
+            shared.append(node.name or node.output[0])  # its zeros would be chosen for one reader's inputs
             continue
         axis = reduction_axis(node, weight)
         if axis is None or any(re.fullmatch(p, node.name or "") or p == node.name for p in patterns):
             continue
         layers.append((node, axis))
+    skipped = [f"{name}: its weight is read by other nodes too (or lives in an enclosing graph)" for name in shared]
     if not layers:
-        return PassResult(model, changed=False, skipped=["no prunable layer"])
+        return PassResult(model, changed=False, skipped=["no prunable layer"] + skipped[:20])
     n_m = tuple(map(int, options.structure.split(":"))) if ":" in options.structure else None
     ratio = options.ratio if options.ratio is not None else 0.5
     stats = {}
@@ -90,6 +94,7 @@ def sparsify(model: onnx.ModelProto, ctx, options) -> PassResult:
     records.write(model, written)
     changed = sum(1 for r in rows if r[1] != "-")
     return PassResult(model, changed=changed > 0, counts={"layers sparsified": changed}, notes=notes,
+                      skipped=skipped[:20],
                       details={"pattern": options.structure, "ratio": None if n_m else ratio},
                       tables=[Table("sparsity per layer", ["layer", "zeros", "pattern"], rows)])
 
