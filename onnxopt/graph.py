@@ -144,6 +144,17 @@ class GraphView:
             return users[0]
         return None
 
+    def bias_add(self, output: str) -> tuple[onnx.NodeProto, int] | None:
+        """(the Add that alone reads `output` and adds a constant to it, that constant's input index):
+        a MatMul's bias as exporters write it. None for anything else (a graph output, x + x, ...)."""
+        add = self.single_consumer(output)
+        if add is None or add.op_type != "Add" or len(add.input) != 2:
+            return None
+        index = 1 if add.input[0] == output else 0
+        if add.input[1 - index] != output or self.constant(add.input[index]) is None:
+            return None
+        return add, index
+
     @cached_property
     def value_info(self) -> dict[str, onnx.ValueInfoProto]:
         infos = {}

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxopt.graph import GraphView, attribute, subgraph_inputs
+from onnxopt.graph import GraphView, attribute
 from onnxopt.layer_inputs import LayerInputStats
 
 WHITEN_RIDGE = 1e-6  # of the mean input energy: keeps the Cholesky factor defined for dead channels
@@ -207,6 +207,7 @@ def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarr
     kind = layer.nodes[0].op_type
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in tensors.items())
     bias_names = list(biases)
+    view = GraphView(model.graph, model.ir_version)  # who reads each node's output, before any replacement
     graph_nodes = list(model.graph.node)
     producers = {n.output[0]: n for n in graph_nodes if n.output}
     for j, node in enumerate(producers[n.output[0]] for n in layer.nodes):
@@ -216,7 +217,7 @@ def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarr
         first_inputs = [node.input[0], a_name]
         if kind == "MatMul":
             replacement = [helper.make_node("MatMul", first_inputs, [middle], name=f"{base}/lowrank_a")]
-            if bias_names and _fold_into_bias_add(model, graph_nodes, node.output[0], biases[bias_names[j]]):
+            if bias_names and _fold_into_bias_add(model, view, node.output[0], biases[bias_names[j]]):
                 replacement.append(helper.make_node("MatMul", [middle, b_name], list(node.output),
                                                     name=f"{base}/lowrank_b"))
             elif bias_names:
@@ -246,27 +247,21 @@ def factor_in_place(model: onnx.ModelProto, layer: Layer, rank: int, a: np.ndarr
     model.graph.node.extend(graph_nodes)
 
 
-def _fold_into_bias_add(model: onnx.ModelProto, graph_nodes: list[onnx.NodeProto], output: str,
-                        shift: np.ndarray) -> bool:
+def _fold_into_bias_add(model: onnx.ModelProto, view: GraphView, output: str, shift: np.ndarray) -> bool:
     """Adds `shift` to the constant bias of the Add that is the only reader of `output` (a MatMul's
     bias as exporters write it), under a new name, so that the factored MatMul needs no Add of its
     own: one more elementwise pass over a [tokens, N] tensor costs about as much as the thinner
-    factor saves at int8. False (nothing changed) when there is no such Add."""
-    readers = [n for n in graph_nodes if output in n.input or output in subgraph_inputs(n)]
-    if len(readers) != 1 or readers[0].op_type != "Add" or output in {o.name for o in model.graph.output}:
+    factor saves at int8. False (nothing changed) when there is no such Add, or when its bias is an
+    initializer a caller may override (a graph input too: `view` does not count it as constant)."""
+    found = view.bias_add(output)
+    if found is None:
         return False
-    add = readers[0]
-    slot = 1 if add.input[0] == output else 0
-    if add.input[1 - slot] != output:
-        return False  # x + x
-    initializers = {t.name: t for t in model.graph.initializer}
-    if add.input[slot] not in initializers or add.input[slot] in {i.name for i in model.graph.input}:
-        return False  # computed, or an initializer a caller may override
-    bias = numpy_helper.to_array(initializers[add.input[slot]])
+    add, slot = found
+    bias = view.constant(add.input[slot])
     if bias.dtype != np.float32 or bias.size != shift.size or bias.shape[-1] != shift.size:
         return False
     name = f"{add.input[slot]}{FACTOR_MARK}_shifted"
-    while name in initializers:
+    while name in view.initializers or any(t.name == name for t in model.graph.initializer):
         name += "_"
     model.graph.initializer.append(numpy_helper.from_array((bias + shift.reshape(bias.shape)).astype(np.float32), name))
     add.input[slot] = name

@@ -27,12 +27,8 @@ def bias_of(layer: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int
         index = 2
         return (layer, index) if len(layer.input) > index and layer.input[index] and \
             view.constant(layer.input[index]) is not None else None
-    add = view.single_consumer(layer.output[0])
-    if add is None or add.op_type != "Add":
-        return None
-    index = 1 if add.input[0] == layer.output[0] else 0
-    bias = view.constant(add.input[index])
-    return (add, index) if bias is not None and bias.ndim <= 1 else None
+    found = view.bias_add(layer.output[0])
+    return found if found is not None and view.constant(found[0].input[found[1]]).ndim <= 1 else None
 
 
 def refit(st: LayerInputStats, weight: np.ndarray, bias: np.ndarray | None,
