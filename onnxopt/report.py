@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .model_io import check_writable
 from .stats import ModelStats
 from .tempfiles import temporary
@@ -54,10 +56,18 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _speed(original_ms: float, optimized_ms: float) -> str:
+SAME_SPEED = 1.03  # a smaller ratio is never called faster or slower: medians move that much between runs
+
+
+def _speed(original_ms: float, optimized_ms: float, again_ms: float | None = None) -> str:
+    """The speed-up, or "no measurable change" when it is within 3 % or no larger than the difference
+    between two sessions of the original (`again_ms`, the second one)."""
     if not optimized_ms or not original_ms:
         return ""
     ratio = original_ms / optimized_ms
+    noise = abs(np.log(original_ms / again_ms)) if again_ms else 0.0
+    if abs(np.log(ratio)) <= max(noise, np.log(SAME_SPEED)):
+        return "no measurable change"
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
@@ -84,9 +94,14 @@ def render(report: Report, show_ops: bool = False) -> str:
     ]
     if report.latency:
         lo, ln = report.latency["original"], report.latency["optimized"]
+        again = report.latency.get("original_again")
         rows.append([f"latency median ({report.ep})", f"{lo.median_ms:.3f} ms", f"{ln.median_ms:.3f} ms",
-                     _speed(lo.median_ms, ln.median_ms)])
+                     _speed(lo.median_ms, ln.median_ms, again.median_ms if again else None)])
         rows.append(["latency p90", f"{lo.p90_ms:.3f} ms", f"{ln.p90_ms:.3f} ms", ""])
+        if again:
+            noise = abs(lo.median_ms / again.median_ms - 1) * 100
+            rows.append(["latency, original again", f"{again.median_ms:.3f} ms", "",
+                         f"timing noise {noise:.0f}%"])
     if report.agreement is not None:
         a = report.agreement
         rows.append(["max abs error", "", f"{a.max_abs_error:.3g}", ""])

@@ -146,7 +146,21 @@ def test_optimize_api_returns_model_and_report(tmp_path):
     assert report.original.nodes == 4 and report.optimized.nodes == 1
     assert report.agreement.max_abs_error == 0.0 and report.agreement.cosine == pytest.approx(1.0)
     assert report.latency["original"].runs >= 2
+    assert report.latency["original_again"].runs == report.latency["original"].runs  # timed beside them
     assert onnx.load(tmp_path / "out.onnx").graph.node[0].op_type == "Add"
+
+
+@pytest.mark.parametrize("original, optimized, again, said", [
+    (1.0, 0.5, 0.98, "2.00x faster"),
+    (1.0, 2.0, 1.01, "2.00x slower"),
+    (0.070, 0.080, 0.060, "no measurable change"),  # two sessions of the original differ by more
+    (1.0, 0.98, 1.0, "no measurable change"),  # within 3 %
+    (1.0, 0.9, None, "1.11x faster"),  # no second session (a model over 256 MB)
+])
+def test_a_speed_difference_smaller_than_the_timing_noise_is_not_called_one(original, optimized, again, said):
+    from onnxopt.report import _speed
+
+    assert _speed(original, optimized, again) == said
 
 
 def test_pass_objects_can_be_mixed_with_specs():
