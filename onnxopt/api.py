@@ -186,7 +186,7 @@ def _compare(original, optimized, feeds, report: Report, settings: RunSettings) 
     report.notes.extend(_misdeclared_outputs(original, reference))
     report.agreement = compare_outputs(reference, run(sessions["optimized"], feeds))
     if settings.runs > 0:
-        if original.ByteSize() <= NOISE_CONTROL_MAX_BYTES:
+        if report.original.size_bytes <= NOISE_CONTROL_MAX_BYTES:
             # A second session of the same model can run persistently 15 % faster or slower than the
             # first on a sub-millisecond model (measured on the demo CNN): timed beside the two, it
             # says how large a difference this run can tell from noise.
