@@ -240,6 +240,24 @@ def test_the_speed_guard_keeps_the_input_when_the_output_is_slower(samples):
     assert [n.op_type for n in out.graph.node].count("MatMul") == 3
 
 
+def test_the_speed_guard_times_a_loss_again_on_fresh_sessions(samples, monkeypatch):
+    """One ORT session can run a small model persistently slower than another of the same model, so a
+    loss is confirmed on a new pair of sessions before it counts (and a win needs no second pair)."""
+    from onnxopt import guard
+
+    opened = []
+    real = guard.make_session
+    monkeypatch.setattr(guard, "make_session", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    model = mlp()
+    slow = RoundedLayers(model, 200).build({unit: 0 for unit in RoundedLayers(model, 0).units()})
+    feeds = {"x": samples["x"][:8]}
+    verdict = guard.SpeedGuard().check(model, slow, feeds, batches=(8,), threads=(1,), min_seconds=0.05)
+    assert verdict.slower and len(opened) == 4
+    opened.clear()
+    verdict = guard.SpeedGuard().check(slow, model, feeds, batches=(8,), threads=(1,), min_seconds=0.05)
+    assert not verdict.slower and len(opened) == 2
+
+
 def test_missing_data_is_one_clear_line(tmp_path, capsys):
     from onnxopt import registry
     from onnxopt.cli import main
