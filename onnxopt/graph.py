@@ -83,6 +83,15 @@ def scopes(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, GraphView]]:
     return found
 
 
+def nested_layers_note(model: onnx.ModelProto, op_types: set[str], pass_name: str) -> list[str]:
+    """For a pass that rewrites the main graph only: a note naming how many `op_types` nodes with a
+    constant weight sit inside If/Loop/Scan bodies (at any depth) and stay as they are; [] if none."""
+    count = sum(1 for graph, view in scopes(model)[1:] for node in graph.node
+                if node.op_type in op_types and len(node.input) > 1 and view.constant(node.input[1]) is not None)
+    return [f"{count} layer(s) inside If/Loop/Scan bodies left as they are: {pass_name} rewrites the main "
+            f"graph only"] if count else []
+
+
 class GraphView:
     """Producers, consumers and constant values of one graph, computed once. A subgraph's view (an
     If branch, a Loop body) takes its enclosing graph's view as `outer`: a weight it reads from

@@ -162,6 +162,16 @@ def test_a_network_inside_if_branches_is_calibrated_and_quantized_there(folder, 
     assert quant["changed"] or any("does not pay" in n for n in quant["notes"])
 
 
+@pytest.mark.parametrize("spec", ["prune:ratio=0.5", "prune:structure=2:4", "lowrank:ratio=0.5"])
+def test_prune_and_lowrank_say_they_leave_a_network_inside_if_branches_alone(folder, spec):
+    path = deployed.streaming_if(folder, **STREAM)
+    calib = deployed.streaming_feeds(16, mode=0, batch=16, **STREAM)
+    model, report = onnxopt.optimize(str(path), spec, calib=calib, compare=False)
+    record = report.passes[-1]
+    assert not record["changed"]
+    assert any("layer(s) inside If/Loop/Scan bodies left as they are" in n for n in record["notes"]), record
+
+
 def test_fold_and_fuse_work_inside_if_branches():
     from conftest import parse
 

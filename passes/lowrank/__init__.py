@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import onnx
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
-from onnxopt.graph import GraphView
+from onnxopt.graph import GraphView, nested_layers_note
 from onnxopt.layer_inputs import LayerInputStats, collect
 from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers, remove_unused_initializers
@@ -112,16 +112,19 @@ class LowRank(Pass):
                                "allocation=uniform")
         if ctx.data is None and options.refit:
             raise OnnxoptError("lowrank:refit=true needs representative data", "give calib data")
+        ops = set(filter(None, options.ops.split(";")))
+        notes = nested_layers_note(model, ops, "lowrank")
         constants_to_initializers(model.graph)
         view = GraphView(model.graph, model.ir_version)
-        layers, skipped = eligible(model, view, set(filter(None, options.ops.split(";"))))
+        layers, skipped = eligible(model, view, ops)
         layers = [layer for layer in layers if not self._excluded(layer)]
         if not layers:
             return PassResult(model, changed=False, skipped=["no MatMul, Gemm or Conv with a constant weight to "
-                                                             "factor"] + skipped[:20])
+                                                             "factor"] + skipped[:20], notes=notes)
         method = options.method or ("whitened" if ctx.data is not None else "svd")
-        notes = [] if ctx.data is not None else ["no representative data: plain SVD of the weights (accuracy will "
-                                                 "suffer; give calib data for the activation-aware factors)"]
+        if ctx.data is None:
+            notes.append("no representative data: plain SVD of the weights (accuracy will suffer; give calib data "
+                         "for the activation-aware factors)")
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
         # with the error budget, its check's samples stay out of the statistics the factors are fit on
         fitted = budget.without_check(batches) if budgeted and batches is not None else batches

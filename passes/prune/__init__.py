@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
-from onnxopt.graph import GraphView
+from onnxopt.graph import GraphView, nested_layers_note
 from onnxopt.layer_inputs import collect
 from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers
@@ -105,7 +105,7 @@ class Prune(Pass):
                     else "importance=" + options.importance)
             raise OnnxoptError(f"prune:{what} needs representative data", "give calib data, or use "
                                "importance=magnitude and allocation=uniform")
-        notes: list[str] = []
+        notes = nested_layers_note(model, {"Conv", "Gemm", "MatMul"}, "prune")
         constants_to_initializers(model.graph)
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
         groups, blocked = find_groups(model, self._shapes(model, ctx, batches))

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from onnxopt import PassResult, Table
 from onnxopt import sparsity as records
-from onnxopt.graph import GraphView
+from onnxopt.graph import GraphView, nested_layers_note
 from onnxopt.layer_inputs import collect
 
 
@@ -51,13 +51,14 @@ def sparsify(model: onnx.ModelProto, ctx, options) -> PassResult:
             continue
         layers.append((node, axis))
     skipped = [f"{name}: its weight is read by other nodes too (or lives in an enclosing graph)" for name in shared]
+    nested = nested_layers_note(model, {"Conv", "Gemm", "MatMul"}, "prune")
     if not layers:
-        return PassResult(model, changed=False, skipped=["no prunable layer"] + skipped[:20])
+        return PassResult(model, changed=False, skipped=["no prunable layer"] + skipped[:20], notes=nested)
     n_m = tuple(map(int, options.structure.split(":"))) if ":" in options.structure else None
     ratio = options.ratio if options.ratio is not None else 0.5
     stats = {}
-    notes = ["N:M and unstructured zeros give no speed on ONNX Runtime's CPU kernels, only a smaller "
-             "compressed file (and speed on runtimes with sparse kernels: TensorRT runs 2:4)"]
+    notes = nested + ["N:M and unstructured zeros give no speed on ONNX Runtime's CPU kernels, only a smaller "
+                      "compressed file (and speed on runtimes with sparse kernels: TensorRT runs 2:4)"]
     if ctx.data is not None:
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True)
         recover = options.recover if options.recover is not None else True
