@@ -251,10 +251,13 @@ def output_error(reference: onnx.ModelProto, data, offset: float = 0.5) -> tuple
     """1 - cosine of a model's outputs to the reference's on ~EVAL_SAMPLES samples of `data` (the
     worst output and batch count), and a description for reports. Another `offset` measures on other
     batches (where the data has enough): a check of a choice made on the first."""
+    return _output_error(make_session(reference), data, offset)
+
+
+def _output_error(session, data, offset: float) -> tuple[ErrorOf, str]:
+    """`output_error` with the reference model's session given (the session is not kept)."""
     feeds = _spread_batches(data, offset)
-    session = make_session(reference)
     reference_outputs = [run(session, f) for f in feeds]
-    del session
 
     def error(model: onnx.ModelProto) -> float:
         candidate = make_session(model)
@@ -267,8 +270,9 @@ def output_error(reference: onnx.ModelProto, data, offset: float = 0.5) -> tuple
 def choice_and_check(reference: onnx.ModelProto, data) -> tuple[ErrorOf, ErrorOf, str]:
     """`output_error` twice, on different batches: one to choose by, one for `largest` to check the
     choice with (the batches `without_check` leaves out), and the description for reports."""
-    error_of, measure = output_error(reference, data)
-    check, _ = output_error(reference, data, offset=CHECK_OFFSET)
+    session = make_session(reference)  # one session of the reference for both
+    error_of, measure = _output_error(session, data, 0.5)
+    check, _ = _output_error(session, data, CHECK_OFFSET)
     return error_of, check, measure
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import re
 from typing import Literal, Optional
 
+import numpy as np
 import onnx
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, option
@@ -139,10 +140,12 @@ class LowRank(Pass):
         choices = [self._ranks(layer, d, timing, skipped) for layer, d in zip(layers, decompositions)]
         wanted = [i for i, ranks in enumerate(choices) if ranks]
 
-        def build(chosen: dict[int, int]) -> onnx.ModelProto:
+        def build(chosen: dict[int, int], seconds: dict[int, np.ndarray] | None = None) -> onnx.ModelProto:
+            """`model` with each chosen layer factored at its rank (second factors from `seconds` where given)."""
             result = copy_model(model)
             for i, rank in chosen.items():
                 a, b = decompositions[i].factors(rank)
+                b = (seconds or {}).get(i, b)
                 factor_in_place(result, layers[i], rank, a, b, decompositions[i].shift(layers[i].matrix, a, b))
             remove_unused_initializers(result.graph)
             return result
@@ -161,7 +164,7 @@ class LowRank(Pass):
                               notes=notes, details=details)
         result = build(chosen)
         if options.refit:
-            result = _refit(model, result, layers, decompositions, chosen, batches, ctx)
+            result = build(chosen, _refit(model, result, layers, decompositions, chosen, batches, ctx))
         details["refit"] = options.refit
         tables = [_layer_table(layers, chosen, timing)]
         verdict = (ctx.guard.check_on_data(model, result, batches, ctx.sample_inputs)
@@ -272,9 +275,9 @@ class _MatrixChoices:
 
 
 def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int, int], batches,
-           ctx) -> onnx.ModelProto:
-    """`model` factored again with each second factor refit on the inputs `result` (the factored
-    model) gives its layer (`refit.py`)."""
+           ctx) -> dict[int, np.ndarray]:
+    """Each chosen layer's second factor refit on the inputs `result` (the factored model) gives it
+    (`refit.py`)."""
     keyed = {f"{i}/{j}": node for i in chosen for j, node in enumerate(layers[i].nodes)}
     grams: dict[int, list] = {}
     for key, (gram_new, cross, _) in paired_grams(model, result, keyed, batches, ctx.progress).items():
@@ -284,14 +287,7 @@ def _refit(model, result, layers: list[Layer], decompositions, chosen: dict[int,
             grams[i][1] += cross
         else:
             grams[i] = [gram_new, cross]
-    refitted = copy_model(model)
-    for i, rank in chosen.items():
-        a, b = decompositions[i].factors(rank)
-        if i in grams:
-            b = second_factor(a, layers[i].matrix, *grams[i])
-        factor_in_place(refitted, layers[i], rank, a, b, decompositions[i].shift(layers[i].matrix, a, b))
-    remove_unused_initializers(refitted.graph)
-    return refitted
+    return {i: second_factor(decompositions[i].factors(chosen[i])[0], layers[i].matrix, *g) for i, g in grams.items()}
 
 
 def _stats(model, layers: list[Layer], batches, ctx: PassContext, gram: bool) -> dict[int, LayerInputStats]:
