@@ -141,6 +141,21 @@ def test_the_pass_shrinks_tensors_and_keeps_the_model_valid():
     assert record["counts"]["groups pruned"] == 4 and record["tables"][0]["title"].startswith("groups")
 
 
+def test_shapes_recorded_for_every_tensor_do_not_go_stale():
+    """torch's dynamo exporter records a shape for every tensor, weights included: the pruned ones must
+    not keep their old shapes (strict shape inference fails on them)."""
+    model = onnx.shape_inference.infer_shapes(residual_net())
+    model.graph.value_info.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                  for t in model.graph.initializer)
+    x = RNG.standard_normal((32, 4, 8, 8)).astype(np.float32)
+    pruned, _ = onnxopt.optimize(model, "prune:ratio=0.5,round_to=1,keep_if_slower=false", calib={"x": x},
+                                 compare=False)
+    onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    recorded = {vi.name: vi.type.tensor_type for vi in pruned.graph.value_info}
+    assert not recorded["a.w"].HasField("shape") and recorded["a.w"].elem_type == TensorProto.FLOAT
+    assert ort_run(pruned, {"x": x})[0].shape == (32, 3)
+
+
 def test_without_data_magnitude_chooses_and_the_report_says_so():
     _, report = onnxopt.optimize(residual_net(), "prune:ratio=0.5,keep_if_slower=false", compare=False)
     assert any("no representative data" in n for n in report.passes[0]["notes"])

@@ -3,8 +3,9 @@ along its axis, and every Reshape target that names the axis shrinks with it.
 
 Deletions are gathered per (tensor, axis) over all groups first and applied once, in the tensor's
 original coordinates: groups that share an axis at different offsets (the inputs of a Concat) then
-cannot shift each other's indices. Activations need nothing: their shapes follow. The graph's
-recorded value_info of the changed tensors is dropped (shape inference recomputes it).
+cannot shift each other's indices. Activations need nothing: their shapes follow. The shapes the
+graph records for the changed tensors and everything computed from them are cleared, their types kept
+(shape inference recomputes them; torch's dynamo exporter records a shape for every tensor, weights too).
 """
 from __future__ import annotations
 
@@ -57,10 +58,24 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     done: set[tuple[int, str, int]] = set()  # a target Concat shared by Q, K and V's Reshapes shrinks once
     for node, axis, fewer in target_edits.values():
         _shrink_target(graph, view, node, axis, fewer, done)
-    stale = [vi for vi in graph.value_info if vi.name in changed_activations]
-    for vi in stale:
-        graph.value_info.remove(vi)
+    _forget_shapes(graph, view, set(edited) | changed_activations | {n.output[0] for n, _, _ in target_edits.values()})
     return len(edited)
+
+
+def _forget_shapes(graph: onnx.GraphProto, view: GraphView, changed: set[str]) -> None:
+    """Clears the recorded shape of the `changed` tensors and of every tensor computed from them: a
+    stale shape fails strict shape inference. (Downstream shapes mostly hold again, a down-projection's
+    output for one; inference restores those. The element types stay, for ops inference cannot type.)"""
+    pending, reached = list(changed), set(changed)
+    while pending:
+        for node in view.consumers.get(pending.pop(), []):
+            for name in node.output:
+                if name and name not in reached:
+                    reached.add(name)
+                    pending.append(name)
+    for vi in graph.value_info:
+        if vi.name in reached and vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
 
 
 def _shrink_target(graph: onnx.GraphProto, view: GraphView, node: onnx.NodeProto, axis: int, fewer: int,
