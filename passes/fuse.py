@@ -1,6 +1,7 @@
 """Operator fusion (`fuse`): BatchNormalization and per-channel affine Mul/Add into the op before them,
 MatMul+Add into Gemm, a scalar Mul/Div into the weights of the linear ops before it (`fuse_scale`),
-and a floor under masked Softmax inputs, so that ONNX Runtime's CPU Softmax stays fast (`fuse_softmax`).
+a floor under masked Softmax inputs, so that ONNX Runtime's CPU Softmax stays fast (`fuse_softmax`), and an
+erf GELU in the order ONNX Runtime fuses into one kernel (`fuse_gelu`).
 
 Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
 s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
@@ -22,6 +23,7 @@ from onnxopt.opsets import default_opset
 from onnxopt.rewrite import Match, Replacement, apply_rules_everywhere
 from onnxopt.surgery import remove_unused_initializers
 
+from .fuse_gelu import GeluOrder
 from .fuse_scale import ScalarIntoLinear
 from .fuse_softmax import SoftmaxFloor
 
@@ -205,13 +207,17 @@ class FuseOptions:
     softmax_floor: bool = option(True, "raise a masked Softmax's inputs (a Softmax reading an Add or Where) to at "
                                        "least the row's max - 80: ORT's CPU Softmax is ~10x slower where exp "
                                        "underflows; outputs change by < 2e-35 (see fuse_softmax.py)")
+    gelu_order: bool = option(True, "write an erf GELU as (x * (1 + erf(x/sqrt2))) * 0.5, the order ORT fuses into "
+                                    "one Gelu kernel (torch's dynamo exporter writes x * (0.5 * (1 + erf)), which "
+                                    "ORT leaves as 5 ops); exact (see fuse_gelu.py)")
 
 
 class FuseOps(Pass):
     """Fold BatchNormalization into the Conv/ConvTranspose before it (grouped ConvTranspose included)
     and per-channel constant Mul/Add into the Conv/BN before them; MatMul+Add into Gemm where Gemm can
     express it (2-D input, constant weight, row bias); a Mul/Div by a scalar constant (attention's
-    1/sqrt(d)) into the weights of the linear ops before it; a floor under masked Softmax inputs."""
+    1/sqrt(d)) into the weights of the linear ops before it; a floor under masked Softmax inputs; an
+    erf GELU reordered so that ONNX Runtime fuses it."""
 
     name = "fuse"
     Options = FuseOptions
@@ -229,6 +235,8 @@ class FuseOps(Pass):
             rules += [ScalarIntoLinear("Mul"), ScalarIntoLinear("Div")]
         if self.options.softmax_floor:
             rules.append(SoftmaxFloor(default_opset(model)))
+        if self.options.gelu_order:
+            rules.append(GeluOrder())
         value_info = infer_value_info(model) if self.options.gemm or self.options.affine or \
             self.options.softmax_floor else None
         outcome = apply_rules_everywhere(model, rules, value_info)
