@@ -47,12 +47,12 @@ class GeluOrder:
         return None
 
     def replace(self, match: Match, view: GraphView, names: NameGenerator) -> Replacement:
-        half, mul = match.values["half"], match.values["mul"]
-        constant = next(i for i in half.input if i != match.values["one_plus"])
+        half, mul, one_plus = match.values["half"], match.values["mul"], match.values["one_plus"]
+        constant = next(i for i in half.input if i != one_plus)
         base = mul.name or mul.output[0]
         product = names(base + "_unhalved")
         return Replacement([
-            helper.make_node("Mul", [match.values["x"], match.values["one_plus"]], [product], name=names(base + "/x_times")),
+            helper.make_node("Mul", [match.values["x"], one_plus], [product], name=names(base + "/x_times")),
             helper.make_node("Mul", [product, constant], list(mul.output), name=names(base + "/half")),
         ])
 

@@ -38,7 +38,8 @@ def unoptimized_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.
     """Each op as written: what the rewrite itself computes, before ORT fuses anything."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
 
 
 def ort_ops(model: onnx.ModelProto, tmp_path) -> set[str]:
