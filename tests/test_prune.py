@@ -109,6 +109,30 @@ def test_removing_dead_units_changes_nothing_and_live_ones_do(weight, units):
     assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
 
 
+@pytest.mark.parametrize("target", [[-1, 128], [0, -1]])
+def test_a_flatten_written_as_a_reshape_prunes_in_channel_blocks(target):
+    """Conv [2, 8, 4, 4] -> Reshape(target) [2, 128] -> MatMul, as torch's dynamo exporter writes
+    x.flatten(1): channel c is features c*16 .. c*16+15, and a target of 128 shrinks with them."""
+    inits = conv("a", 4, 8, 3) + [numpy_helper.from_array(np.array(target, np.int64), "target"),
+                                  numpy_helper.from_array(RNG.standard_normal((128, 3)).astype(np.float32), "fc.w")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "a.w", "a.b"], ["a"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+         helper.make_node("Relu", ["a"], ["ar"]), helper.make_node("Reshape", ["ar", "target"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "fc.w"], ["y"])],
+        "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    group = group_of(model, "a.w")
+    assert {(m.slot.lo, m.slot.hi) for m in group.members if m.slot.tensor == "fc.w"} == {(0, 128)}
+    dead = kill(model, group, [1, 5])
+    pruned = _pruned(dead, [(group_of(dead, "a.w"), [1, 5])], {})
+    onnx.checker.check_model(pruned, full_check=True)
+    x = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["a.w"][0] == 6 and shapes["fc.w"][0] == 96
+
+
 def test_a_constant_channel_is_compensated_by_the_refit():
     """Units whose output weights are zero but whose bias is not carry a constant; removing them and
     refitting the reader (a 1x1 conv, with an intercept: a 3x3 one would see padding) on data gives

@@ -450,10 +450,8 @@ class _Finder:
                 self._check_target(node, b)
                 reshapes.append((node, b, width / inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
-            if b < len(result) and a + 1 < len(source) and isinstance(source[a + 1], int) and isinstance(d, int) \
-                    and isinstance(result[b], int) and d * source[a + 1] == result[b] and \
-                    _same_product(source[a + 2:], rest_out):  # merge: [.., H, D] -> [.., H * D]
-                inner = source[a + 1]
+            inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
+            if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
                 self._check_target(node, b)
                 reshapes.append((node, b, width * inner))
                 return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
@@ -472,9 +470,8 @@ class _Finder:
             d = result[b]
             if source[a] == d and _same_product(source[a + 1:], result[b + 1:]):
                 return [(Slot(node.input[0], a, slot.lo, slot.hi), width)]
-            if a + 1 < len(source) and all(isinstance(x, int) for x in (d, source[a], source[a + 1])) and \
-                    source[a] * source[a + 1] == d:  # the output axis merges (H, D): back to H
-                inner = source[a + 1]
+            inner = _merged(source, a, source[a], d, result[b + 1:])
+            if inner:  # the output axis merges (H, D...): back to H
                 if slot.lo % inner or slot.hi % inner:
                     raise Blocked("Reshape merges the axis inside a unit")
                 return [(Slot(node.input[0], a, slot.lo // inner, slot.hi // inner), width / inner)]
@@ -561,6 +558,22 @@ def _axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:
         return None if value is None else [int(v) for v in np.atleast_1d(value)]
     axes = attribute(node, "axes", None)
     return list(axes) if axes is not None else None
+
+
+def _merged(source, a: int, d, merged, rest_out) -> int | None:
+    """The product of the axes after `a` that a Reshape merges into axis a (size `d`) to make one axis of
+    size `merged`, followed by `rest_out`; None when it does not merge so. [N, C, H, W] -> [N, C * H * W]
+    merges H * W: channel c becomes the columns c * H * W ... (c + 1) * H * W - 1."""
+    if not isinstance(d, int) or not isinstance(merged, int):
+        return None
+    inner = 1
+    for k in range(a + 1, len(source)):
+        if not isinstance(source[k], int):
+            return None
+        inner *= source[k]
+        if d * inner == merged and _same_product(source[k + 1:], rest_out):
+            return inner
+    return None
 
 
 def _same_product(a, b) -> bool:
