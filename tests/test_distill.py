@@ -93,6 +93,9 @@ OP_CASES = {
     "flatten axis 2": ("Flatten", {"x": f32(2, 3, 4, 5)}, dict(axis=2), {}, 17),
     "lrn": ("LRN", {"x": f32(1, 6, 4, 4)}, dict(size=3, alpha=1e-3, beta=0.7, bias=2.0), {}, 17),
     "gelu tanh": ("Gelu", {"x": f32(3, 4)}, dict(approximate="tanh"), {}, 20),
+    "gathernd": ("GatherND", {"x": f32(2, 3, 4)}, {}, {"i": np.array([[1, 2], [0, -1], [1, 0]], np.int64)}, 13),
+    "gathernd batch_dims": ("GatherND", {"x": f32(2, 3, 4)}, dict(batch_dims=1),
+                            {"i": np.array([[[2], [0]], [[1], [-1]]], np.int64)}, 13),
     "pad constant": ("Pad", {"x": f32(2, 3)}, {}, {"p": i64(0, 1, 2, 0), "v": np.array(1.5, np.float32)}, 17),
 }
 

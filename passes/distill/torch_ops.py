@@ -264,6 +264,17 @@ def _gather(a, opset, x, indices):
     return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
+def _gather_nd(a, opset, x, indices):
+    """Output [indices.shape[:-1], x.shape[b + k:]]: each index row picks x[batch..., i_0, ..., i_k-1]."""
+    b, k = a("batch_dims", 0), indices.shape[-1]
+    flat = x.reshape((-1,) + tuple(x.shape[b:]))  # the batch dims as one
+    rows = indices.reshape(flat.shape[0], -1, k).long()
+    rows = torch.where(rows < 0, rows + torch.tensor(x.shape[b:b + k]), rows)
+    batch = torch.arange(flat.shape[0]).unsqueeze(1).expand(rows.shape[:2])
+    picked = flat[(batch, *rows.unbind(-1))]
+    return picked.reshape(tuple(indices.shape[:-1]) + tuple(x.shape[b + k:]))
+
+
 def _shape(a, opset, x):
     dims = list(x.shape)[a("start", 0):a("end", None)] if opset >= 15 else list(x.shape)
     return torch.tensor(dims, dtype=torch.int64)
@@ -347,7 +358,8 @@ OPS = {
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm, "LRN": _lrn,
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split, "Slice": _slice, "Gather": _gather,
-    "Shape": _shape, "ConstantOfShape": _constant_of_shape, "Range": _range, "Expand": _expand,
+    "GatherND": _gather_nd, "Shape": _shape, "ConstantOfShape": _constant_of_shape, "Range": _range,
+    "Expand": _expand,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(_reduce_max),
     "Where": _where, "Pad": _pad,
 }
