@@ -1,0 +1,75 @@
+"""Every pass on models exported by torch's dynamo exporter (torch.onnx.export's default since torch
+2.9; models/dynamo.py builds them): opset 18, a shape recorded for every tensor, its own GELU and
+attention-mask forms. Each pipeline must give a valid model that ONNX Runtime runs, as close to the
+original as the same pipeline gets on the TorchScript export (bounds below, measured there)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ort_run
+
+import onnxopt
+
+pytestmark = pytest.mark.slow
+
+# pipeline -> the least cosine of the report's comparison (MiniLM's last_hidden_state, held-out samples)
+MINILM_PIPELINES = {
+    "fold,fuse": 0.99999,
+    "fold,fuse,quant": 0.98,
+    "prune:ratio=0.5,keep_if_slower=false": 0.93,
+    "prune:structure=heads,ratio=0.5,keep_if_slower=false": 0.95,
+    "prune:structure=2:4": 0.85,
+    "lowrank:ratio=0.5,keep_if_slower=false": 0.85,
+}
+
+
+@pytest.fixture(scope="module")
+def minilm_dynamo():
+    from models import dynamo
+
+    return dynamo.minilm()
+
+
+@pytest.mark.parametrize("pipeline", list(MINILM_PIPELINES))
+def test_each_pipeline_keeps_the_dynamo_minilm_valid_and_close(minilm_dynamo, pipeline):
+    from models import minilm
+
+    model, report = onnxopt.optimize(str(minilm_dynamo), pipeline, calib=str(minilm.calibration_npz()), runs=0)
+    onnx.checker.check_model(model, full_check=True)  # strict shape inference: no stale recorded shape
+    assert report.agreement.cosine >= MINILM_PIPELINES[pipeline], report.agreement
+    feeds = minilm.encode(["A sentence of another length than the calibration's."], seq_len=24)
+    assert ort_run(model, feeds)[0].shape == (1, 24, 384)  # batch and sequence stay dynamic
+
+
+def test_ort_fuses_the_dynamo_gelu_after_fuse(minilm_dynamo, tmp_path):
+    import onnxruntime as ort
+
+    model, report = onnxopt.optimize(str(minilm_dynamo), "fuse", compare=False)
+    assert report.passes[0]["counts"]["erf GELU reordered for ORT's Gelu fusion"] == 6
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "Erf" not in {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_the_dynamo_minilm_runs_in_torch_as_in_onnx_runtime(minilm_dynamo):
+    from models import minilm
+    from test_distill import assert_matches_ort  # its GatherND-built mask included
+
+    feeds = {k: v[:4] for k, v in np.load(minilm.calibration_npz()).items()}
+    assert_matches_ort(onnx.load(str(minilm_dynamo)), feeds)
+
+
+def test_the_dynamo_digits_cnn_prunes_and_quantizes_keeping_its_accuracy():
+    from models import digits, dynamo
+
+    images, labels = digits.heldout()
+    pipeline = "fold,fuse,prune:ratio=0.5,keep_if_slower=false,quant:keep_if_slower=false"
+    model, report = onnxopt.optimize(str(dynamo.digits()), pipeline, calib=str(digits.calibration_npz()), runs=0)
+    # both Convs and the hidden Linear lose half their units (the second Conv through the Reshape that
+    # flattens it): about a quarter of the weights are left, int8 now, plus their scales
+    assert report.optimized.parameters < 0.3 * report.original.parameters, report.optimized.parameters
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
+    top1 = float((ort_run(model, {"image": images})[0].argmax(1) == labels).mean())
+    assert top1 >= 0.95, top1
