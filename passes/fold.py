@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -32,6 +33,11 @@ class FoldOptions:
     fold_shapes: bool = option(True, "turn Shape/Size of statically shaped tensors into constants")
     remove_identity: bool = option(True, "bypass Identity, inference-mode Dropout and Cast to the same type")
     dedupe: bool = option(True, "merge equal initializers and identical nodes (common subexpressions)")
+    recorded_shapes: Literal["auto", "keep", "drop"] = option(
+        "auto", "the shapes a model records for its intermediate tensors (value_info; torch's dynamo exporter "
+        "writes them all): auto drops them for the CPU EP, where they let ORT fuse Add + LayerNormalization "
+        "into its scalar SkipLayerNormalization kernel (MiniLM's dynamo export: int8 1.34x slower); ORT "
+        "infers the shapes it needs itself")
 
     def __post_init__(self):
         if self.max_folded_mb < 0:
@@ -75,6 +81,8 @@ class FoldConstants(Pass):
         counts["dead nodes removed"] = cleanup.remove_dead_nodes(graph)
         counts["unused initializers removed"] = remove_unused_initializers(graph)
         prune_value_info(graph)
+        if self.options.recorded_shapes == "drop" or (self.options.recorded_shapes == "auto" and ctx.ep == "cpu"):
+            counts["recorded shapes dropped"] = drop_recorded_shapes(graph)
         counts = Counter({k: v for k, v in counts.items() if v})
         return PassResult(model, changed=bool(counts), counts=dict(counts), skipped=skipped)
 
@@ -319,6 +327,27 @@ def _run(nodes, outputs, view: GraphView, opset, feeds: dict | None = None) -> l
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(outputs, {})
+
+
+def drop_recorded_shapes(graph: onnx.GraphProto) -> int:
+    """Removes the main graph's value_info (the graph's inputs and outputs keep their declarations),
+    except for outputs of ops outside the ONNX domain, whose types onnx's shape inference cannot tell.
+
+    Why, on the CPU EP: ONNX Runtime fuses Add (+ bias Add) + LayerNormalization into
+    SkipLayerNormalization only where it knows both Adds' inputs to have the same 3-D shape, and the
+    CPU kernel of that op is a scalar loop: 1.77 ms against 0.48 ms for Add, Add, LayerNormalization
+    on [8, 128, 384] (ORT 1.32, 1 thread). Models that record every shape, as torch's dynamo exporter
+    writes them, get the fusion on every layer (all-MiniLM-L6-v2: 95 ms int8 at batch 8 against 71 ms
+    without the records, 182 against 158 ms in fp32); TorchScript exports record none. Convolutional
+    models measured the same either way (ResNet-18, the digits CNN). Nothing is lost: ORT and onnx's
+    shape inference recompute shapes from the graph's inputs."""
+    custom = {o for n in graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    kept = [vi for vi in graph.value_info if vi.name in custom]
+    count = len(graph.value_info) - len(kept)
+    if count:
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return count
 
 
 def prune_value_info(graph: onnx.GraphProto) -> None:

@@ -297,3 +297,35 @@ def test_two_ifs_whose_branches_share_names_are_both_inlined():
     result = run_pass(FoldConstants, model)
     assert "If" not in op_types(result.model) and result.counts["constant Ifs inlined"] == 2
     assert_same_outputs(model, result.model, {"size": np.array([1, 1, 3, 5], np.int64)})
+
+
+def _recorded(model: onnx.ModelProto) -> set[str]:
+    return {vi.name for vi in model.graph.value_info}
+
+
+def test_recorded_shapes_are_dropped_for_the_cpu_ep_and_kept_elsewhere_or_on_request():
+    from onnxopt.manager import copy_model
+    from onnxopt.options import build_options
+    from onnxopt.pass_api import PassContext
+
+    model = onnx.shape_inference.infer_shapes(parse("""
+    <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+        r = Relu(x)
+        c = com.example.Custom(r)
+        y = Add(r, c)
+    }
+    """))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [2, 3]))
+    assert _recorded(model) == {"r", "c"}
+    dropped = run_pass(FoldConstants, model)
+    assert dropped.counts == {"recorded shapes dropped": 1}
+    assert _recorded(dropped.model) == {"c"}  # onnx cannot infer a custom op's output: its record stays
+    assert _recorded(run_pass(FoldConstants, model, recorded_shapes="keep").model) == {"r", "c"}
+
+    def on(ep: str, **options) -> onnx.ModelProto:
+        fold = FoldConstants(build_options("fold", FoldConstants.Options, options))
+        return fold.run(copy_model(model), PassContext(ep=ep)).model
+
+    assert _recorded(on("cuda")) == {"r", "c"}  # ORT's SkipLayerNormalization is a fused kernel on GPUs
+    assert _recorded(on("cuda", recorded_shapes="drop")) == {"c"}
