@@ -6,6 +6,8 @@ in the form its users would write it (tests build them; nothing is downloaded):
   batch on axis 1), with calibration data holding one whole feed per entry (arrays of rank + 1);
 - `cnn_opset11`: the digits CNN's layout exported at opset 11;
 - `constant_weights`: the demo CNN with every weight in a Constant node instead of an initializer;
+- `float16`: the demo CNN with every float tensor in float16 (weights, input, output), as models
+  converted for GPUs come;
 - `streaming_if`: a stateful network behind an If on a scalar mode input, as some exporters emit it
   (the whole network in the branches, weights outside).
 
@@ -102,6 +104,31 @@ def constant_weights(folder: Path) -> Path:
     model.graph.node.extend(nodes)
     onnx.checker.check_model(model)
     path = Path(folder) / "constant_weights.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def float16(folder: Path) -> Path:
+    """models/demo.onnx in float16: initializers, Constant values, inputs, outputs and Cast targets."""
+    model = onnx.load(str(REPO / "models" / "demo.onnx"))
+
+    def half(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+
+    for tensor in model.graph.initializer:
+        half(tensor)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                half(attr.t)
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(folder) / "float16.onnx"
     onnx.save(model, str(path))
     return path
 

@@ -201,3 +201,19 @@ def test_fold_and_fuse_work_inside_if_branches():
     for flag in (True, False):
         feeds = {"x": x, "flag": np.array(flag)}
         np.testing.assert_allclose(ort_run(folded, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_float16_model_prunes_in_float16_and_quant_and_lowrank_say_why_they_leave_it(folder):
+    path = deployed.float16(folder)
+    images = np.load(deployed.REPO / "models" / "demo_inputs.npz")["image"].astype(np.float16)
+    model, report = onnxopt.optimize(str(path), "prune:ratio=0.5,keep_if_slower=false", calib={"image": images},
+                                     compare=False)
+    assert report.passes[0]["changed"] and report.optimized.parameters < report.original.parameters
+    kept_types = {t.data_type for t in model.graph.initializer if t.dims}
+    assert kept_types <= {onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64}
+    assert ort_run(model, {"image": images})[0].dtype == np.float16
+    _, report = onnxopt.optimize(str(path), "quant", calib={"image": images}, compare=False)
+    assert any("float16 weights" in s and "float32" in s for s in report.passes[0]["skipped"])
+    _, report = onnxopt.optimize(str(path), "lowrank", calib={"image": images}, compare=False)
+    skipped = report.passes[0]["skipped"]
+    assert any(s.startswith("4 layer(s) with float16 weights") for s in skipped) and len(skipped) == 2

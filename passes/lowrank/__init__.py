@@ -120,8 +120,8 @@ class LowRank(Pass):
         layers, skipped = eligible(model, view, ops)
         layers = [layer for layer in layers if not self._excluded(layer)]
         if not layers:
-            return PassResult(model, changed=False, skipped=["no MatMul, Gemm or Conv with a constant weight to "
-                                                             "factor"] + skipped[:20], notes=notes)
+            return PassResult(model, changed=False, skipped=["no MatMul, Gemm or Conv with a constant float32 "
+                                                             "weight to factor"] + skipped[:20], notes=notes)
         method = options.method or ("whitened" if ctx.data is not None else "svd")
         if ctx.data is None:
             notes.append("no representative data: plain SVD of the weights (accuracy will suffer; give calib data "

@@ -68,6 +68,7 @@ def eligible(model: onnx.ModelProto, view: GraphView, ops: set[str]) -> tuple[li
     the other constant-weight layers are not."""
     by_weight: dict[str, list[tuple[onnx.NodeProto, np.ndarray]]] = {}
     skipped: list[str] = []
+    other_types: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm", "Conv") or node.op_type not in ops or len(node.input) < 2:
             continue
@@ -77,13 +78,15 @@ def eligible(model: onnx.ModelProto, view: GraphView, ops: set[str]) -> tuple[li
         if FACTOR_MARK in node.input[1]:
             continue  # a factor already: factoring it again would only lose accuracy
         if weight.dtype != np.float32:
-            skipped.append(f"{node.name or node.output[0]}: {weight.dtype} weight")
+            other_types.setdefault(str(weight.dtype), []).append(node.name or node.output[0])
             continue
         matrix, why = _as_matrix(node, weight)
         if matrix is None:
             skipped.append(f"{node.name or node.output[0]}: {why}")
             continue
         by_weight.setdefault(node.input[1], []).append((node, matrix))
+    skipped += [f"{len(names)} layer(s) with {dtype} weights, e.g. '{names[0]}': lowrank factors float32 weights"
+                for dtype, names in other_types.items()]
     layers = []
     for name, uses in by_weight.items():
         readers = view.consumers.get(name, [])

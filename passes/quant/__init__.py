@@ -217,7 +217,7 @@ class Quantize(Pass):
         lstms = [n for n in lstm_candidates(model) if not excluded(n, self.options.exclude)]
         notes.extend(f"{layer} stays float: ONNX Runtime has no int8 kernel for it" for layer in float_recurrent_layers(model))
         if not nodes and not lstms:
-            return PassResult(model, changed=False, skipped=["nothing quantizable"], notes=notes)
+            return PassResult(model, changed=False, skipped=[_nothing_quantizable(model)], notes=notes)
         if not nodes:  # only recurrent layers: their activations are quantized at run time, no calibration
             result = StaticResult(copy_model(model), {}, [], set(), 0, [])
             details = {"mode": "static", "weight_bits": options.weight_bits}
@@ -429,3 +429,13 @@ def _outputs_differ(model: onnx.ModelProto, other: onnx.ModelProto, feeds) -> st
     if not agreement.within(1e-4, 1e-5, reference_scale(reference)):
         return f"the upgraded model's outputs differ by up to {agreement.max_abs_error:.3g}"
     return None
+
+
+def _nothing_quantizable(model: onnx.ModelProto) -> str:
+    """Why `quant` found nothing, naming a float16 model: its int8 QDQ starts from float32 tensors."""
+    half = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    layers = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and half & set(n.input)]
+    if not layers:
+        return "nothing quantizable"
+    return (f"nothing quantizable: {len(layers)} MatMul/Gemm/Conv layer(s) have float16 weights, and int8 "
+            "quantization starts from a float32 model (export it in float32; float16 is the GPU speed-up)")
