@@ -56,7 +56,8 @@ def case(name: str) -> dict:
         from models import dynamo, minilm
 
         feeds = minilm.evaluation_feeds(300)
-        return {"path": minilm.build() if name == "minilm" else dynamo.minilm(), "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
+        path = minilm.build() if name == "minilm" else dynamo.minilm()
+        return {"path": path, "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul", "onnxopt-minmax", "onnxopt-percentile", "onnxopt-entropy"],
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
     if name == "digits":
