@@ -301,5 +301,44 @@ def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     infos = {}
     for graph, _ in scopes(inferred):  # subgraphs' tensors too (names are unique across scopes)
         infos.update({vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)})
-    return infos
+    return _with_contrib_types(light, infos)
 
+
+# Output element types of ONNX Runtime's own ops that onnx's inference does not know, where they are not
+# those of the op's first floating-point input: op -> {output index: TensorProto type}
+_CONTRIB_OUTPUT_TYPES = {"EmbedLayerNormalization": {1: onnx.TensorProto.INT32}}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _with_contrib_types(light: onnx.ModelProto,
+                        infos: dict[str, onnx.ValueInfoProto]) -> dict[str, onnx.ValueInfoProto]:
+    """`infos` completed where onnx's inference stopped at ONNX Runtime's own ops (com.microsoft:
+    Attention, SkipLayerNormalization, BiasGelu...: models its transformer optimizer fused, as
+    deployed). Their outputs take their first floating-point input's element type (the ops compute in
+    it), and inference runs again from there, until nothing new is typed. Types only, no shapes."""
+    def elem(name: str) -> int:
+        vi = infos.get(name)
+        return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+
+    graph = light.graph
+    for _ in range(len(graph.node)):
+        known = []
+        for node in graph.node:
+            if node.domain != "com.microsoft" or all(elem(o) for o in node.output if o):
+                continue
+            first = next((elem(i) for i in node.input if elem(i) in _FLOATS), 0)
+            for index, name in enumerate(node.output):
+                kind = _CONTRIB_OUTPUT_TYPES.get(node.op_type, {}).get(index, first)
+                if name and kind and not elem(name):
+                    known.append(onnx.helper.make_tensor_value_info(name, kind, None))
+        if not known:
+            return infos
+        graph.value_info.extend(known)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light)
+        except Exception:
+            return infos
+        infos.update({vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+                      if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type})
+        infos.update({vi.name: vi for vi in known if not elem(vi.name)})
+    return infos

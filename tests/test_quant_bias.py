@@ -36,8 +36,9 @@ def linear(op: str) -> tuple:
 
 
 def _quantized(model, x, correction: bool):
+    calib = x if isinstance(x, dict) else {"x": x}
     spec = f"quant:keep_if_slower=false,smooth=0,per_channel=false,bias_correction={str(correction).lower()}"
-    return onnxopt.optimize(model, spec, calib={"x": x}, compare=False)
+    return onnxopt.optimize(model, spec, calib=calib, compare=False)
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Gemm"])
@@ -73,3 +74,39 @@ def test_a_matmul_read_elsewhere_or_a_conv_is_left_alone(tmp_path, monkeypatch):
     _, report = onnxopt.optimize(model, "quant:keep_if_slower=false", calib=data, compare=False)
     counts = report.passes[0]["counts"]
     assert counts["weights quantized"] == 2 and "biases corrected" not in counts
+
+
+@pytest.mark.parametrize("fused", ["BiasGelu", "SkipLayerNormalization"])
+def test_the_bias_inside_an_ort_fused_op_is_corrected_and_its_types_are_known(fused, tmp_path, monkeypatch):
+    """Models ORT's transformer optimizer fused keep a MatMul's bias inside BiasGelu or
+    SkipLayerNormalization; onnx's shape inference does not know those ops, and the MatMul after them
+    must still be typed float and quantized."""
+    from onnxopt.graph import infer_value_info
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    w, w2 = (rng.standard_normal((K, N)).astype(np.float32) for _ in range(2))
+    b, gamma, beta = (rng.standard_normal(N).astype(np.float32) for _ in range(3))
+    if fused == "BiasGelu":
+        body, inputs = "h = com.microsoft.BiasGelu(m, b)", f"float[B, 4, {K}] x"
+    else:
+        body, inputs = "h = com.microsoft.SkipLayerNormalization<epsilon = 0.00001>(m, r, gamma, beta, b)", \
+            f"float[B, 4, {K}] x, float[B, 4, {N}] r"
+    model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g ({inputs}) => (float[B, 4, {N}] y)
+    <float[{K}, {N}] w = {{{_values(w)}}}, float[{N}, {N}] w2 = {{{_values(w2[:N])}}}, float[{N}] b = {{{_values(b)}}},
+     float[{N}] gamma = {{{_values(gamma)}}}, float[{N}] beta = {{{_values(beta)}}}>
+    {{ m = MatMul(x, w)
+       {body}
+       y = MatMul(h, w2) }}
+    """)
+    assert infer_value_info(model)["h"].type.tensor_type.elem_type == 1  # float, as ORT computes it
+    feeds = {"x": (3.0 + rng.random((256, 4, K))).astype(np.float32)}
+    if fused == "SkipLayerNormalization":
+        feeds["r"] = rng.standard_normal((256, 4, N)).astype(np.float32)
+    reference = ort_run(model, feeds)[0]
+    plain, _ = _quantized(model, feeds, correction=False)
+    corrected, report = _quantized(model, feeds, correction=True)
+    assert report.passes[0]["counts"]["weights quantized"] == 2 and report.passes[0]["counts"]["biases corrected"] == 1
+    error = lambda m: float(np.sqrt(np.mean((ort_run(m, feeds)[0] - reference) ** 2)))  # noqa: E731
+    assert error(corrected) < error(plain)

@@ -4,7 +4,8 @@ A weight quantized per channel is off by dW = DQ(Q(W)) - W. Rounding noise in th
 averages out over many inputs except for its mean, E[x] @ dW: a fixed shift of every output
 channel, largest where activations have a large mean (LayerNorm outputs with their beta, GELU
 outputs, which are mostly positive). Subtracting that shift from the bias that follows the MatMul
-(Add of a constant, or Gemm's C) removes it at no run-time cost; E[x] comes from the calibration
+(Add of a constant, Gemm's C, or the bias input of ORT's BiasGelu, FastGelu and SkipLayerNormalization
+in models its transformer optimizer fused) removes it at no run-time cost; E[x] comes from the calibration
 statistics (per-channel sums), divided by the smoothing factor where the activation is smoothed.
 This is the empirical-mean form of the bias correction in Nagel et al., "Data-Free Quantization
 Through Weight Equalization and Bias Correction" (2019). Conv is left alone: a mean over the input
@@ -22,10 +23,15 @@ from .plan import Plan
 from .qdq import dequantize_weight, quantize_weight
 
 
+# ONNX Runtime's fused ops that add a bias to a MatMul's output before anything else, as its transformer
+# optimizer writes them: op -> (how many leading inputs may be that output, the bias's input index)
+_FUSED_BIAS = {"BiasGelu": (1, 1), "FastGelu": (1, 1), "SkipLayerNormalization": (2, 4)}
+
+
 def correctable(view: GraphView, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     """Activation -> the quantized nodes reading it whose bias can absorb a correction: MatMul with a
-    constant 2-D weight followed by a lone Add of a constant, or Gemm (no transA, alpha = beta = 1)
-    with constant B and C."""
+    constant 2-D weight followed by a lone Add of a constant (or an ORT op adding a bias), or Gemm (no
+    transA, alpha = beta = 1) with constant B and C."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         if _bias_of(node, view) is not None:
@@ -38,9 +44,16 @@ def _bias_of(node: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int
     if node.op_type == "MatMul":
         weight = view.constant(node.input[1])
         add = view.single_consumer(node.output[0])
-        if weight is None or weight.ndim != 2 or add is None or add.op_type != "Add":
+        if weight is None or weight.ndim != 2 or add is None:
             return None
-        index = 1 if add.input[0] == node.output[0] else 0
+        if add.op_type == "Add":
+            index = 1 if add.input[0] == node.output[0] else 0
+        elif add.domain == "com.microsoft" and add.op_type in _FUSED_BIAS:
+            reads, index = _FUSED_BIAS[add.op_type]
+            if node.output[0] not in add.input[:reads] or len(add.input) <= index or not add.input[index]:
+                return None
+        else:
+            return None
         bias = view.constant(add.input[index])
         if bias is None or bias.shape[-1:] != (weight.shape[1],) or bias.size != weight.shape[1]:
             return None
