@@ -133,6 +133,27 @@ def test_a_flatten_written_as_a_reshape_prunes_in_channel_blocks(target):
     assert shapes["a.w"][0] == 6 and shapes["fc.w"][0] == 96
 
 
+def test_an_ffn_through_ort_biasgelu_shrinks_with_its_bias():
+    """MatMul -> com.microsoft.BiasGelu(x, bias) -> MatMul, as ORT's transformer optimizer fuses an FFN."""
+    w1, w2 = RNG.standard_normal((16, 32)).astype(np.float32), RNG.standard_normal((32, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("BiasGelu", ["h", "b"], ["g"], domain="com.microsoft"),
+         helper.make_node("MatMul", ["g", "w2"], ["y"])],
+        "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(RNG.standard_normal(32).astype(np.float32), "b")])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    x = RNG.standard_normal((64, 16)).astype(np.float32)
+    pruned, report = onnxopt.optimize(model, "prune:ratio=0.5,round_to=1,keep_if_slower=false", calib={"x": x},
+                                      compare=False)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["w1"] == (16, 16) and shapes["b"] == (16,) and shapes["w2"] == (16, 4)
+    assert ort_run(pruned, {"x": x})[0].shape == (64, 4)
+
+
 def test_a_constant_channel_is_compensated_by_the_refit():
     """Units whose output weights are zero but whose bias is not carry a constant; removing them and
     refitting the reader (a 1x1 conv, with an intercept: a 3x3 one would see padding) on data gives
