@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/quant.py                       # minilm, digits, resnet (~15 min on 2 cores)
     .venv/bin/python bench/quant.py --models minilm --quick --json out.json
-    .venv/bin/python bench/quant.py --models minilm,minilm-dynamo --quick   # TorchScript and dynamo exports
+    .venv/bin/python bench/quant.py --models minilm,minilm-dynamo,minilm-ort-fused --quick   # three forms
 
 Every tool gets the same fp32 model and the same calibration samples (MiniLM: 160 real sentences
 padded to 128 tokens; ``minilm-dynamo`` is the same model exported by torch's default dynamo exporter,
-models/dynamo.py; digits: 200 training images; ResNet-18-like net with random weights: 32
+models/dynamo.py, ``minilm-ort-fused`` the export as ORT's transformer optimizer fuses it,
+models/ort_fused.py; digits: 200 training images; ResNet-18-like net with random weights: 32
 random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
 cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
@@ -52,11 +53,12 @@ NOISE_ROW = "fp32, 2nd session"
 
 def case(name: str) -> dict:
     """fp32 path, calibration npz, evaluation inputs and the accuracy function of a model."""
-    if name in ("minilm", "minilm-dynamo"):
-        from models import dynamo, minilm
+    if name in ("minilm", "minilm-dynamo", "minilm-ort-fused"):
+        from models import dynamo, minilm, ort_fused
 
         feeds = minilm.evaluation_feeds(300)
-        path = minilm.build() if name == "minilm" else dynamo.minilm()
+        builders = {"minilm": minilm.build, "minilm-dynamo": dynamo.minilm, "minilm-ort-fused": ort_fused.minilm}
+        path = builders[name]()
         return {"path": path, "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul", "onnxopt-minmax", "onnxopt-percentile", "onnxopt-entropy"],
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
