@@ -151,7 +151,7 @@ def _feeds(model: onnx.ModelProto, settings: RunSettings, data: RepresentativeDa
         source = "calibration" if settings.calib is not None else "training"
         if read and (held := data.held_out(model, read)) is not None:
             feeds, samples = held
-            what = "one feed" if samples is None else f"{samples} samples"
+            what = "one feed" if samples is None else f"{samples} sample{'s' if samples != 1 else ''}"
             return feeds, (f"compared on {what} of the {source} data that no pass read (they read the first "
                            f"{read} at most); pass --data for inputs of your own")
         batches = data.batches(model, check=False)

@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT, parse
 from onnx import numpy_helper
 
+import onnxopt
 from onnxopt.data import RANDOM_SAMPLES, Batches, RepresentativeData, open_batches
 from onnxopt.errors import OnnxoptError
 
@@ -67,6 +68,24 @@ def test_held_out_samples_are_the_ones_after_what_a_pass_reads(demo):
         np.testing.assert_array_equal(feeds["image"], want)
         assert samples == len(want)
     assert data.held_out(demo, 16) is None
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_held_out_samples_fill_a_fixed_batch_exactly(demo, batch):
+    """A model exported with a fixed batch runs on exactly that many samples: the report's comparison
+    (`quant` reads 128 samples at most, so it compares on the ones after) must not stack 8 of them."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(demo)
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    data = RepresentativeData(DEMO_NPZ)
+    reference = np.load(DEMO_NPZ)["image"]  # 16 samples
+    feeds, samples = data.held_out(fixed, 10)
+    np.testing.assert_array_equal(feeds["image"], reference[10:10 + batch])
+    assert samples == batch
+    assert data.held_out(fixed, 16 - batch + 1) is None  # fewer than a batch left
+    _, report = onnxopt.optimize(fixed, "quant:keep_if_slower=false,samples=8", calib=str(DEMO_NPZ), runs=0)
+    assert report.agreement is not None and "no pass read" in report.notes[0]
 
 
 def test_npy_and_named_pb_directories_match_npz(demo, tmp_path):

@@ -108,8 +108,12 @@ class RepresentativeData:
     def held_out(self, model: onnx.ModelProto, after: int, count: int = 8) -> tuple[Feeds, int | None] | None:
         """(feeds, samples): up to `count` samples following the first `after` in the order given
         (untrimmed; for data of one feed per entry, the one feed after them and None), or None when
-        the data holds no more than `after`: inputs a pass that read `after` samples at most has not fit."""
-        batches = self.batches(model, count, after + count, check=False)
+        the data holds no more than `after`: inputs a pass that read `after` samples at most has not fit.
+        A model with a fixed first dimension d gets exactly d samples, or None when fewer are left."""
+        fixed = fixed_batch(model)
+        count = fixed or count
+        # a fixed batch takes whole batches (a cap would cut the last one short) and stops once it has enough
+        batches = self.batches(model, count, None if fixed else after + count, check=False)
         seen, parts = 0, []
         for chunk in batches.untrimmed():
             size = 1 if batches.per_entry else _sample_count(chunk, self.description)
@@ -119,10 +123,14 @@ class RepresentativeData:
                 start = max(0, after - seen)
                 parts.append({k: v[start:] if v.ndim else v for k, v in chunk.items()})
             seen += size
-        if not parts:
+            if seen >= after + count:
+                break
+        taken = min(seen, after + count) - after
+        if not parts or (fixed and taken != fixed):
             return None
-        feeds = {k: np.concatenate([part[k] for part in parts]) if parts[0][k].ndim else parts[0][k] for k in parts[0]}
-        return feeds, seen - after
+        feeds = {k: np.concatenate([part[k] for part in parts])[:taken] if parts[0][k].ndim else parts[0][k]
+                 for k in parts[0]}
+        return feeds, taken
 
 
 def open_batches(source, model: onnx.ModelProto, batch_size: int = 8, samples: int | None = None, *,
@@ -297,13 +305,18 @@ def _open(source, shapes: dict) -> _Source:
     return _from_object(source, getattr(source, "__name__", type(source).__name__))
 
 
-def _batch_limit(model: onnx.ModelProto, batch_size: int) -> int:
-    """The model's fixed first dimension if it has one (batches must match it), else `batch_size`."""
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The model's fixed first dimension, if it has one: every batch fed to it must hold that many."""
     for vi in real_inputs(model):
         dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return dims[0].dim_value
-    return batch_size
+    return None
+
+
+def _batch_limit(model: onnx.ModelProto, batch_size: int) -> int:
+    """The model's fixed first dimension if it has one (batches must match it), else `batch_size`."""
+    return fixed_batch(model) or batch_size
 
 
 def _from_path(path: Path) -> _Source:

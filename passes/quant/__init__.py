@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import OnnxoptError, Pass, PassContext, PassResult, option
-from onnxopt.data import padding
+from onnxopt.data import fixed_batch, padding
 from onnxopt.graph import GraphView, NameGenerator, infer_value_info, scopes
 from onnxopt.manager import copy_model
 from onnxopt.opsets import default_opset
@@ -224,7 +224,7 @@ class Quantize(Pass):
             return self._finish(model, self._int8_lstms(model, result, data, ctx, notes, details), data, ctx,
                                 notes, details, probe=None)
         started = time.perf_counter()
-        probe = calibration.Probe(self._report_feeds(data))
+        probe = calibration.Probe(self._report_feeds(data, fixed_batch(model)))
         stats = calibration.load_or_collect(model, tensors, data, ctx.cache, ep="cpu", progress=ctx.progress,
                                             channel_tensors=channel_tensors, probe=probe)
         calibration_seconds = time.perf_counter() - started
@@ -360,14 +360,14 @@ class Quantize(Pass):
                             quantized)
 
     @staticmethod
-    def _report_feeds(data, samples: int = 2) -> dict[str, np.ndarray]:
+    def _report_feeds(data, fixed: int | None, samples: int = 2) -> dict[str, np.ndarray]:
         """Inputs of the SQNR report: a slice of the calibration data (for sequence models, its
-        longest sentence without padding, whose values nobody reads)."""
+        longest sentence without padding, whose values nobody reads); a batch the model fixes whole."""
         first = data.first_batch()
+        if data.per_entry or fixed:  # one feed, or a batch the model fixes: as it is
+            return first
         if data.padding is not None:
             return padding.longest_sample(first, data.padding)
-        if data.per_entry:  # one feed: its batch axis is wherever the model has it
-            return first
         return {k: v[:samples] if v.ndim else v for k, v in first.items()}
 
     def _smooth(self, graph, view, names, groups, stats, ranges) -> dict[str, np.ndarray]:
