@@ -340,5 +340,4 @@ def _with_contrib_types(light: onnx.ModelProto,
             return infos
         infos.update({vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
                       if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type})
-        infos.update({vi.name: vi for vi in known if not elem(vi.name)})
     return infos

@@ -509,3 +509,25 @@ def test_a_static_shaped_matmul_bias_is_quantized_so_ort_keeps_int8_compute(tmp_
     assert runs.count("QGemm") == 2 and "DequantizeLinear" not in runs, runs
     got, want = ort_run(quantized, {"x": x[:1]})[0].ravel(), ort_run(model, {"x": x[:1]})[0].ravel()
     assert got @ want / np.linalg.norm(got) / np.linalg.norm(want) > 0.99
+
+
+def test_a_bias_two_matmuls_share_stays_float_and_both_layers_stay_right():
+    """fold merges equal biases (zeros, often): one int32 bias cannot carry two layers' scales."""
+    rng = np.random.default_rng(1)
+    model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 8, 16] x) => (float[1, 8, 16] y)
+    <float[16, 16] w1 = {{{", ".join(f"{v:.4f}" for v in rng.standard_normal(256) / 4)}}},
+     float[16, 16] w2 = {{{", ".join(f"{v:.4f}" for v in rng.standard_normal(256) * 2)}}},
+     float[16] b = {{{", ".join(f"{v:.4f}" for v in rng.standard_normal(16))}}}>
+    {{ m1 = MatMul(x, w1)
+       h = Add(m1, b)
+       m2 = MatMul(h, w2)
+       y = Add(m2, b) }}
+    """)
+    x = rng.standard_normal((64, 8, 16)).astype(np.float32)
+    quantized, report = onnxopt.optimize(model, "quant:keep_if_slower=false,bias_correction=false", calib={"x": x},
+                                         compare=False)
+    assert "biases quantized" not in report.passes[0]["counts"]
+    got, want = ort_run(quantized, {"x": x[:1]})[0].ravel(), ort_run(model, {"x": x[:1]})[0].ravel()
+    assert got @ want / np.linalg.norm(got) / np.linalg.norm(want) > 0.99

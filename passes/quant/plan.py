@@ -277,8 +277,8 @@ def _matmul_bias(node: onnx.NodeProto, weight: np.ndarray, view: GraphView) -> t
     the bias quantized (24 of its 36 layers had lost their QDQ fusion). With dynamic shapes either form
     fuses into MatMulIntegerToFloat."""
     held = view.bias_add(node.output[0])
-    if held is None or weight.ndim != 2:
-        return None
+    if held is None or weight.ndim != 2 or len(view.consumers.get(held[0].input[held[1]], [])) != 1:
+        return None  # a bias shared by two layers (fold merges equal ones) cannot take both scales
     bias = view.constant(held[0].input[held[1]])
     return held if bias.dtype == np.float32 and bias.shape == (weight.shape[1],) else None
 
