@@ -4,7 +4,8 @@ ways that reach the passes: opset 18, a shape recorded for every tensor (weights
 written x * (0.5 * (1 + erf)), the attention mask built with GatherND, names like ``val_121``.
 
 ``minilm()`` and ``digits()`` write ``build/minilm_dynamo.onnx`` and ``build/digits_dynamo.onnx``
-(single files) once, each checked against the model's TorchScript export under ONNX Runtime.
+(single files) once, each checked against the model's TorchScript export under ONNX Runtime;
+``minilm(opset=21)`` writes ``build/minilm_dynamo21.onnx``, where GELU is ONNX's own Gelu op (opset 20).
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ DIGITS_PATH = BUILD_DIR / "digits_dynamo.onnx"
 _SOURCES = (__file__, Path(__file__).with_name("_common.py"))
 
 
-def _export(module, args: tuple, dest: Path, input_names: list[str], output_name: str, dims: tuple) -> None:
+def _export(module, args: tuple, dest: Path, input_names: list[str], output_name: str, dims: tuple,
+            opset: int = OPSET) -> None:
     """`dims`: each argument's dynamic axes, {axis: torch.export.Dim}, in the order of `args`."""
     import onnx
     import torch
 
     with atomic_path(dest) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
                                     output_names=[output_name], dynamic_shapes=dims, external_data=False,
                                     verbose=False)
         program.save(str(tmp), external_data=False)
@@ -50,21 +52,22 @@ def _check_against(path: Path, reference: Path, feeds: dict[str, np.ndarray], at
         raise RuntimeError(f"{path.name} differs from {reference.name} by {np.abs(got - want).max():.3g}")
 
 
-def minilm(force: bool = False) -> Path:
+def minilm(force: bool = False, opset: int = OPSET) -> Path:
     """all-MiniLM-L6-v2's encoder, inputs and output named as in ``minilm.build()``."""
-    if not force and is_fresh([MINILM_PATH], (*_SOURCES, minilm_builder.__file__)):
-        return MINILM_PATH
+    path = MINILM_PATH if opset == OPSET else MINILM_PATH.with_name(f"minilm_dynamo{opset}.onnx")
+    if not force and is_fresh([path], (*_SOURCES, minilm_builder.__file__)):
+        return path
     import torch
 
     encoder = minilm_builder._encoder_module(minilm_builder.torch_model())
     feeds = minilm_builder.encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
     names = list(minilm_builder.INPUT_NAMES)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    _export(encoder, tuple(torch.from_numpy(feeds[n]) for n in names), MINILM_PATH, names,
-            minilm_builder.OUTPUT_NAME, tuple({0: batch, 1: sequence} for _ in names))
+    _export(encoder, tuple(torch.from_numpy(feeds[n]) for n in names), path, names,
+            minilm_builder.OUTPUT_NAME, tuple({0: batch, 1: sequence} for _ in names), opset)
     other = minilm_builder.encode(["A third sentence, to check the export on other shapes than it saw."], seq_len=32)
-    _check_against(MINILM_PATH, minilm_builder.build(), other, minilm_builder.ATOL)
-    return MINILM_PATH
+    _check_against(path, minilm_builder.build(), other, minilm_builder.ATOL)
+    return path
 
 
 def digits(force: bool = False) -> Path:

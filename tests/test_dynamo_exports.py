@@ -82,3 +82,15 @@ def test_the_dynamo_digits_cnn_prunes_and_quantizes_keeping_its_accuracy():
     assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
     top1 = float((ort_run(model, {"image": images})[0].argmax(1) == labels).mean())
     assert top1 >= 0.95, top1
+
+
+def test_at_opset_21_with_onnx_gelu_quant_and_prune_keep_minilm_close():
+    from models import dynamo, minilm
+
+    path = dynamo.minilm(opset=21)
+    assert "Gelu" in {n.op_type for n in onnx.load(str(path)).graph.node}  # ONNX's own op since opset 20
+    calib = str(minilm.calibration_npz())
+    _, report = onnxopt.optimize(str(path), "fold,fuse,quant", calib=calib, runs=0)
+    assert report.passes[-1]["counts"]["weights quantized"] == 36 and report.agreement.cosine >= 0.98
+    _, report = onnxopt.optimize(str(path), "prune:ratio=0.5,keep_if_slower=false", calib=calib, runs=0)
+    assert report.passes[0]["counts"]["groups pruned"] == 6 and report.agreement.cosine >= 0.93
