@@ -1,6 +1,6 @@
 """Every pass on models exported by torch's dynamo exporter (torch.onnx.export's default since torch
-2.9; models/dynamo.py builds them): opset 18, a shape recorded for every tensor, its own GELU and
-attention-mask forms. Each pipeline must give a valid model that ONNX Runtime runs, as close to the
+2.9; models/dynamo.py builds them): opset 18 (and 21, with ONNX's Gelu op), a shape recorded for every
+tensor, its own GELU and attention-mask forms. Each pipeline must give a valid model that ONNX Runtime runs, as close to the
 original as the same pipeline gets on the TorchScript export (bounds below, measured there)."""
 from __future__ import annotations
 
