@@ -28,6 +28,17 @@ from .qdq import dequantize_weight, quantize_weight
 _FUSED_BIAS = {"BiasGelu": (1, 1), "FastGelu": (1, 1), "SkipLayerNormalization": (2, 4)}
 
 
+def _fused_bias(node: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int] | None:
+    """(the ORT fused op that alone reads `node`'s output and adds a bias, the bias's input index)."""
+    fused = view.single_consumer(node.output[0])
+    if fused is None or fused.domain != "com.microsoft" or fused.op_type not in _FUSED_BIAS:
+        return None
+    reads, index = _FUSED_BIAS[fused.op_type]
+    if node.output[0] not in fused.input[:reads] or len(fused.input) <= index or not fused.input[index]:
+        return None
+    return fused, index
+
+
 def correctable(view: GraphView, nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
     """Activation -> the quantized nodes reading it whose bias can absorb a correction: MatMul with a
     constant 2-D weight followed by a lone Add of a constant (or an ORT op adding a bias), or Gemm (no
@@ -43,17 +54,12 @@ def _bias_of(node: onnx.NodeProto, view: GraphView) -> tuple[onnx.NodeProto, int
     """(the node holding the bias, its input index), or None when there is no bias to correct."""
     if node.op_type == "MatMul":
         weight = view.constant(node.input[1])
-        add = view.single_consumer(node.output[0])
-        if weight is None or weight.ndim != 2 or add is None:
+        if weight is None or weight.ndim != 2:
             return None
-        if add.op_type == "Add":
-            index = 1 if add.input[0] == node.output[0] else 0
-        elif add.domain == "com.microsoft" and add.op_type in _FUSED_BIAS:
-            reads, index = _FUSED_BIAS[add.op_type]
-            if node.output[0] not in add.input[:reads] or len(add.input) <= index or not add.input[index]:
-                return None
-        else:
+        held = view.bias_add(node.output[0]) or _fused_bias(node, view)
+        if held is None:
             return None
+        add, index = held
         bias = view.constant(add.input[index])
         if bias is None or bias.shape[-1:] != (weight.shape[1],) or bias.size != weight.shape[1]:
             return None
