@@ -140,10 +140,15 @@ def verify(path: Path, atol: float = ATOL) -> float:
     return diff
 
 
-def build(force: bool = False) -> Path:
-    """Export, check and verify ``build/minilm.onnx`` unless it is already up to date; returns its path."""
-    if not force and is_fresh([ONNX_PATH], _SOURCES):
-        return ONNX_PATH
+def build(force: bool = False, opset: int = OPSET) -> Path:
+    """Export, check and verify ``build/minilm.onnx`` unless it is already up to date; returns its path.
+    Another `opset` writes ``build/minilm_opset<N>.onnx``: before opset 13 Unsqueeze and ReduceMean take
+    their axes as attributes, Softmax coerces its input to 2-D, and the exporter builds the attention
+    mask with a Reshape to a computed shape (opset 11 is how many BERT exports on model hubs come;
+    before 17 LayerNorm is written out as ReduceMean, Sub, Pow, Sqrt, Div)."""
+    path = ONNX_PATH if opset == OPSET else BUILD_DIR / f"minilm_opset{opset}.onnx"
+    if not force and is_fresh([path], _SOURCES):
+        return path
     import onnx
     import torch
 
@@ -152,10 +157,10 @@ def build(force: bool = False) -> Path:
     feeds = encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
-    with atomic_path(ONNX_PATH) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=list(INPUT_NAMES),
+            encoder, args, str(tmp), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True,
         )
         proto = onnx.load(str(tmp))
@@ -163,7 +168,7 @@ def build(force: bool = False) -> Path:
             raise RuntimeError("export produced external data")
         onnx.checker.check_model(proto, full_check=True)
         verify(tmp)
-    return ONNX_PATH
+    return path
 
 
 if __name__ == "__main__":

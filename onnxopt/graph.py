@@ -12,6 +12,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+# Where onnx's shape inference leaves a rank unknown (a Reshape to a computed shape, an Expand after
+# it: an attention mask as exporters before opset 13 build it), these ops still tell it.
+# Elementwise with numpy broadcasting: the output has the largest input rank.
+BROADCAST_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "And", "Or", "Xor",
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "BitShift",
+})
+# Elementwise on one tensor (or over one axis, keeping it): the output has the first input's rank.
+SAME_RANK_OPS = frozenset({
+    "Cast", "CastLike", "Identity", "Not", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Relu", "LeakyRelu",
+    "Elu", "Selu", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Sqrt", "Reciprocal", "Clip",
+    "Softmax", "LogSoftmax", "IsNaN", "IsInf",
+})
+RANK_DEPTH = 32  # nodes walked back at most: the fallback is for short mask paths, not whole networks
+
 # Ops whose output differs between runs: never folded, never merged.
 NONDETERMINISTIC_OPS = frozenset({
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -171,14 +186,30 @@ class GraphView:
             infos[vi.name] = vi
         return infos
 
-    def rank(self, name: str) -> int | None:
-        """The rank of a tensor if shape inference or a constant tells it."""
+    def rank(self, name: str, depth: int = RANK_DEPTH) -> int | None:
+        """The rank of a tensor if shape inference or a constant tells it, or else the ops that
+        compute it (`BROADCAST_OPS`, `SAME_RANK_OPS`, Reshape, Expand) from their inputs' ranks."""
         value = self.constant(name) if self.is_constant(name) else None
         if value is not None:
             return value.ndim
         vi = self.value_info.get(name)
         if vi is not None and vi.type.tensor_type.HasField("shape"):
             return len(vi.type.tensor_type.shape.dim)
+        node = self.producer.get(name)
+        if node is None or depth == 0 or node.domain not in ("", "ai.onnx") or node.output[0] != name:
+            return None
+        if node.op_type in ("Reshape", "Expand"):
+            shape = self.static_shape(node.input[1])  # a 1-D shape tensor: its length is the target's rank
+            target = shape[0] if shape is not None and len(shape) == 1 else None
+            if node.op_type == "Reshape" or target is None:
+                return target
+            source = self.rank(node.input[0], depth - 1)
+            return None if source is None else max(source, target)
+        if node.op_type in SAME_RANK_OPS:
+            return self.rank(node.input[0], depth - 1)
+        if node.op_type in BROADCAST_OPS:
+            ranks = [self.rank(i, depth - 1) for i in node.input if i]
+            return None if not ranks or None in ranks else max(ranks)
         return None
 
     def static_shape(self, name: str) -> tuple[int, ...] | None:
@@ -301,7 +332,7 @@ def infer_value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     infos = {}
     for graph, _ in scopes(inferred):  # subgraphs' tensors too (names are unique across scopes)
         infos.update({vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)})
-    return _with_contrib_types(light, infos)
+    return _completed(light, infos)
 
 
 # Output element types of ONNX Runtime's own ops that onnx's inference does not know, where they are not
@@ -310,34 +341,62 @@ _CONTRIB_OUTPUT_TYPES = {"EmbedLayerNormalization": {1: onnx.TensorProto.INT32}}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
-def _with_contrib_types(light: onnx.ModelProto,
-                        infos: dict[str, onnx.ValueInfoProto]) -> dict[str, onnx.ValueInfoProto]:
-    """`infos` completed where onnx's inference stopped at ONNX Runtime's own ops (com.microsoft:
-    Attention, SkipLayerNormalization, BiasGelu...: models its transformer optimizer fused, as
-    deployed). Their outputs take their first floating-point input's element type (the ops compute in
-    it), and inference runs again from there, until nothing new is typed. Types only, no shapes."""
-    def elem(name: str) -> int:
-        vi = infos.get(name)
-        return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
-
+def _completed(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto]) -> dict[str, onnx.ValueInfoProto]:
+    """`infos` completed where onnx's inference stops, and inference run again from there until
+    nothing new is learnt:
+    - ONNX Runtime's own ops (com.microsoft Attention, SkipLayerNormalization, BiasGelu...: models its
+      transformer optimizer fused, as deployed) get their outputs' element types: their first
+      floating-point input's (the ops compute in it);
+    - a typed tensor without a shape gets its rank where `GraphView.rank` finds it from the ops that
+      compute it. Before opset 13 exporters build the attention mask with a Reshape to a computed
+      shape, which onnx cannot rank, and every tensor after it (all the layers after the first
+      attention) then has no shape: MiniLM exported at opset 11."""
     graph = light.graph
     for _ in range(len(graph.node)):
-        known = []
-        for node in graph.node:
-            if node.domain != "com.microsoft" or all(elem(o) for o in node.output if o):
-                continue
-            first = next((elem(i) for i in node.input if elem(i) in _FLOATS), 0)
-            for index, name in enumerate(node.output):
-                kind = _CONTRIB_OUTPUT_TYPES.get(node.op_type, {}).get(index, first)
-                if name and kind and not elem(name):
-                    known.append(onnx.helper.make_tensor_value_info(name, kind, None))
+        known = _contrib_types(graph, infos) + _structural_ranks(graph, infos)
         if not known:
             return infos
         graph.value_info.extend(known)
         try:
-            inferred = onnx.shape_inference.infer_shapes(light)
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
         except Exception:
             return infos
         infos.update({vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
                       if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type})
     return infos
+
+
+def _elem(infos: dict[str, onnx.ValueInfoProto], name: str) -> int:
+    vi = infos.get(name)
+    return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+
+
+def _contrib_types(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+    """Types (no shapes) for the untyped outputs of com.microsoft ops."""
+    known = []
+    for node in graph.node:
+        if node.domain != "com.microsoft" or all(_elem(infos, o) for o in node.output if o):
+            continue
+        first = next((_elem(infos, i) for i in node.input if _elem(infos, i) in _FLOATS), 0)
+        for index, name in enumerate(node.output):
+            kind = _CONTRIB_OUTPUT_TYPES.get(node.op_type, {}).get(index, first)
+            if name and kind and not _elem(infos, name):
+                known.append(onnx.helper.make_tensor_value_info(name, kind, None))
+    return known
+
+
+def _structural_ranks(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+    """Rank-only shapes (every dim unknown) for typed tensors of the main graph that inference left
+    without a shape, where the ops computing them tell the rank."""
+    view = GraphView(graph)
+    view.value_info.update(infos)
+    known = []
+    for node in graph.node:
+        for name in node.output:
+            vi = infos.get(name)
+            if not name or not _elem(infos, name) or vi.type.tensor_type.HasField("shape"):
+                continue
+            rank = view.rank(name)
+            if rank is not None:
+                known.append(onnx.helper.make_tensor_value_info(name, _elem(infos, name), [None] * rank))
+    return known

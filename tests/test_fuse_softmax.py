@@ -3,6 +3,7 @@ CPU Softmax out of its slow underflow path; the outputs stay equal to within 2e-
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import op_types, ort_run, parse, run_pass
 
@@ -74,3 +75,36 @@ def test_what_is_left_alone_unmasked_other_axes_and_the_option():
     # before opset 13 the default axis 1 means "flatten from axis 1": not the last axis alone
     assert not run_pass(FuseOps, parse(masked_softmax(11))).changed
     assert not run_pass(FuseOps, parse(masked_softmax(17)), softmax_floor=False).changed
+
+
+# The attention mask as torch's exporter writes it before opset 13: a Reshape to a shape computed at run
+# time (here the scores' own), which onnx's shape inference cannot rank; nor then the Add, the Softmax,
+# or anything after it (in MiniLM at opset 11: every layer after the first attention).
+OPSET11_MASK = """
+<ir_version: 6, opset_import: ["" : 11]>
+g (float[batch, 3, seq, seq] s, float[n] mask, float[6, 4] w) => (float[batch, 3, seq, 4] y) {
+    shape = Shape(s)
+    target = Concat<axis = 0>(shape)
+    mask4 = Reshape(mask, target)
+    masked = Add(s, mask4)
+    p = Softmax<axis = 3>(masked)
+    y = MatMul(p, w)
+}
+"""
+
+
+def test_a_mask_reshaped_to_a_computed_shape_is_ranked_and_floored():
+    from onnxopt.graph import infer_value_info
+
+    model = parse(OPSET11_MASK)
+    onnx_alone = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert not onnx_alone["masked"].type.tensor_type.HasField("shape")  # the oracle: onnx cannot rank it
+    infos = infer_value_info(model)
+    assert [len(infos[name].type.tensor_type.shape.dim) for name in ("mask4", "masked", "p")] == [4, 4, 4]
+    result = run_pass(FuseOps, model)
+    assert result.counts == {"Softmax floor": 1}
+    mask = np.where(rng.random((2, 3, 6, 6)) < 0.5, -1e4, 0).astype(np.float32)
+    mask[..., 0] = 0
+    inputs = {"s": (rng.standard_normal((2, 3, 6, 6)) * 30).astype(np.float32), "mask": mask.reshape(-1),
+              "w": rng.standard_normal((6, 4)).astype(np.float32)}
+    assert np.allclose(ort_run(result.model, inputs)[0], ort_run(model, inputs)[0], atol=1e-6)
