@@ -25,6 +25,12 @@ SAME_RANK_OPS = frozenset({
     "Elu", "Selu", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Sqrt", "Reciprocal", "Clip",
     "Softmax", "LogSoftmax", "IsNaN", "IsInf",
 })
+# ONNX Runtime's own ops (models its transformer optimizer fused): output index -> rank of input 0 plus this
+CONTRIB_RANKS = {
+    **{op: {0: 0} for op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu",
+                             "Gelu", "QuickGelu", "BiasAdd", "Attention")},
+    "EmbedLayerNormalization": {0: 1},  # [batch, sequence] ids -> [batch, sequence, hidden]
+}
 RANK_DEPTH = 32  # nodes walked back at most: the fallback is for short mask paths, not whole networks
 
 # Ops whose output differs between runs: never folded, never merged.
@@ -188,7 +194,8 @@ class GraphView:
 
     def rank(self, name: str, depth: int = RANK_DEPTH) -> int | None:
         """The rank of a tensor if shape inference or a constant tells it, or else the ops that
-        compute it (`BROADCAST_OPS`, `SAME_RANK_OPS`, Reshape, Expand) from their inputs' ranks."""
+        compute it (`BROADCAST_OPS`, `SAME_RANK_OPS`, Reshape, Expand, Unsqueeze, Squeeze) from their
+        inputs' ranks."""
         value = self.constant(name) if self.is_constant(name) else None
         if value is not None:
             return value.ndim
@@ -196,7 +203,15 @@ class GraphView:
         if vi is not None and vi.type.tensor_type.HasField("shape"):
             return len(vi.type.tensor_type.shape.dim)
         node = self.producer.get(name)
-        if node is None or depth == 0 or node.domain not in ("", "ai.onnx") or node.output[0] != name:
+        if node is None or depth == 0:
+            return None
+        if node.domain == "com.microsoft":
+            if node.op_type == "EmbedLayerNormalization" and list(node.output[1:2]) == [name]:
+                return 1  # its mask_index: [batch]
+            grows = CONTRIB_RANKS.get(node.op_type, {}).get(list(node.output).index(name))
+            source = self.rank(node.input[0], depth - 1) if grows is not None else None
+            return None if source is None else source + grows
+        if node.domain not in ("", "ai.onnx") or node.output[0] != name:
             return None
         if node.op_type in ("Reshape", "Expand"):
             shape = self.static_shape(node.input[1])  # a 1-D shape tensor: its length is the target's rank
@@ -207,6 +222,12 @@ class GraphView:
             return None if source is None else max(source, target)
         if node.op_type in SAME_RANK_OPS:
             return self.rank(node.input[0], depth - 1)
+        if node.op_type in ("Unsqueeze", "Squeeze"):
+            axes = self.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attribute(node, "axes")
+            source = self.rank(node.input[0], depth - 1)
+            if axes is None or source is None:
+                return None  # Squeeze without axes drops the dims that happen to be 1
+            return source + len(np.atleast_1d(axes)) * (1 if node.op_type == "Unsqueeze" else -1)
         if node.op_type in BROADCAST_OPS:
             ranks = [self.rank(i, depth - 1) for i in node.input if i]
             return None if not ranks or None in ranks else max(ranks)

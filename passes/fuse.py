@@ -1,7 +1,9 @@
 """Operator fusion (`fuse`): BatchNormalization and per-channel affine Mul/Add into the op before them,
 MatMul+Add into Gemm, a scalar Mul/Div into the weights of the linear ops before it (`fuse_scale`),
-a floor under masked Softmax inputs, so that ONNX Runtime's CPU Softmax stays fast (`fuse_softmax`), and an
-erf GELU in the order ONNX Runtime fuses into one kernel (`fuse_gelu`).
+a floor under masked Softmax inputs, so that ONNX Runtime's CPU Softmax stays fast (`fuse_softmax`), an
+erf GELU in the order ONNX Runtime fuses into one kernel (`fuse_gelu`), and, for the CPU EP, residual
+Adds and ORT's own SkipLayerNormalization and Attention written so that ORT runs its faster kernels
+(`fuse_layernorm`, `fuse_attention`).
 
 Conv+BN: with s = scale / sqrt(var + eps), BN(Conv(x, W, b)) = Conv(x, W * s, (b - mean) * s + B),
 s broadcast over the output-channel axis of W: axis 0 for Conv; for ConvTranspose W is
@@ -12,6 +14,7 @@ broadcastable to one row ([N] or [1, N]); Gemm accepts exactly that, so nothing 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -23,7 +26,9 @@ from onnxopt.opsets import default_opset
 from onnxopt.rewrite import Match, Replacement, apply_rules_everywhere
 from onnxopt.surgery import remove_unused_initializers
 
+from .fuse_attention import OrtAttentionToOnnx
 from .fuse_gelu import GeluOrder
+from .fuse_layernorm import ResidualSum, SkipLayerNormToOnnx
 from .fuse_scale import ScalarIntoLinear
 from .fuse_softmax import SoftmaxFloor
 
@@ -210,6 +215,15 @@ class FuseOptions:
     gelu_order: bool = option(True, "write an erf GELU as (x * (1 + erf(x/sqrt2))) * 0.5, the order ORT fuses into "
                                     "one Gelu kernel (torch's dynamo exporter writes x * (0.5 * (1 + erf)), which "
                                     "ORT leaves as 5 ops); exact (see fuse_gelu.py)")
+    skip_layernorm: Literal["auto", "avoid", "keep"] = option(
+        "auto", "avoid: a residual Add before LayerNormalization becomes Sum and com.microsoft "
+                "SkipLayerNormalization is written as Add, Sum, LayerNormalization, so that ORT does not run its "
+                "SkipLayerNormalization kernel (4-6x slower than those ops on CPU; see fuse_layernorm.py); "
+                "auto: avoid for the CPU EP, keep for others")
+    ort_attention: Literal["auto", "onnx", "keep"] = option(
+        "auto", "onnx: write com.microsoft Attention (from ORT's transformer optimizer) as ONNX ops, so that the "
+                "Softmax floor applies and quant/prune see Q, K and V (see fuse_attention.py); auto: onnx for the "
+                "CPU EP, keep for others (their fused kernels are fast)")
 
 
 class FuseOps(Pass):
@@ -217,7 +231,8 @@ class FuseOps(Pass):
     and per-channel constant Mul/Add into the Conv/BN before them; MatMul+Add into Gemm where Gemm can
     express it (2-D input, constant weight, row bias); a Mul/Div by a scalar constant (attention's
     1/sqrt(d)) into the weights of the linear ops before it; a floor under masked Softmax inputs; an
-    erf GELU reordered so that ONNX Runtime fuses it."""
+    erf GELU reordered so that ONNX Runtime fuses it; for the CPU EP, residual Adds before
+    LayerNormalization as Sum, and ORT's SkipLayerNormalization and Attention as ONNX ops."""
 
     name = "fuse"
     Options = FuseOptions
@@ -237,8 +252,13 @@ class FuseOps(Pass):
             rules.append(SoftmaxFloor(default_opset(model)))
         if self.options.gelu_order:
             rules.append(GeluOrder())
+        cpu = ctx.ep == "cpu"
+        if self.options.skip_layernorm == "avoid" or (self.options.skip_layernorm == "auto" and cpu):
+            rules += [ResidualSum(), SkipLayerNormToOnnx(default_opset(model))]
+        if self.options.ort_attention == "onnx" or (self.options.ort_attention == "auto" and cpu):
+            rules.append(OrtAttentionToOnnx(default_opset(model)))
         value_info = infer_value_info(model) if self.options.gemm or self.options.affine or \
-            self.options.softmax_floor else None
+            self.options.softmax_floor or self.options.ort_attention != "keep" else None
         outcome = apply_rules_everywhere(model, rules, value_info)
         if outcome.counts:
             for graph, _ in scopes(model):
