@@ -1,9 +1,11 @@
 """Benchmark: what each lossless simplifier's output costs to run — onnxsim 0.8.1's `simplify`,
 onnxslim's `slim` and onnxopt's `fold,fuse` — on MiniLM as TorchScript and as torch's default (dynamo)
-exporter write it, in one run.
+exporter write it, as TorchScript writes it at opset 11, and as ORT's transformer optimizer fuses it
+(`model_optimized.onnx`), in one run.
 
     .venv/bin/python bench/lossless.py                     # minilm, minilm-dynamo (~4 min on 2 cores)
     .venv/bin/python bench/lossless.py --models minilm-dynamo --json out.json
+    .venv/bin/python bench/lossless.py --models minilm-opset11,minilm-ort-fused
 
 Each tool gets the exported fp32 model and runs in this process with its defaults (onnxopt without
 its report). The results and the input are timed alternately with ORT on the CPU (bench/quant.py's
@@ -53,9 +55,10 @@ def simplify(tool: str, source: Path, dest: Path) -> Path:
 
 
 def source(name: str) -> Path:
-    from models import dynamo, minilm
+    from models import dynamo, minilm, ort_fused
 
-    return {"minilm": minilm.build, "minilm-dynamo": dynamo.minilm}[name]()
+    return {"minilm": minilm.build, "minilm-dynamo": dynamo.minilm, "minilm-ort-fused": ort_fused.minilm,
+            "minilm-opset11": lambda: minilm.build(opset=11)}[name]()
 
 
 def run_model(name: str, workdir: Path) -> dict:

@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/quant.py                       # minilm, digits, resnet (~15 min on 2 cores)
     .venv/bin/python bench/quant.py --models minilm --quick --json out.json
-    .venv/bin/python bench/quant.py --models minilm,minilm-dynamo,minilm-ort-fused --quick   # three forms
+    .venv/bin/python bench/quant.py --models minilm,minilm-dynamo,minilm-ort-fused,minilm-opset11 --quick   # four forms
 
 Every tool gets the same fp32 model and the same calibration samples (MiniLM: 160 real sentences
 padded to 128 tokens; ``minilm-dynamo`` is the same model exported by torch's default dynamo exporter,
 models/dynamo.py, ``minilm-ort-fused`` the export as ORT's transformer optimizer fuses it,
-models/ort_fused.py; digits: 200 training images; ResNet-18-like net with random weights: 32
+models/ort_fused.py, ``minilm-opset11`` the TorchScript export at opset 11; digits: 200 training images; ResNet-18-like net with random weights: 32
 random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
 cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
@@ -53,11 +53,12 @@ NOISE_ROW = "fp32, 2nd session"
 
 def case(name: str) -> dict:
     """fp32 path, calibration npz, evaluation inputs and the accuracy function of a model."""
-    if name in ("minilm", "minilm-dynamo", "minilm-ort-fused"):
+    if name in ("minilm", "minilm-dynamo", "minilm-ort-fused", "minilm-opset11"):
         from models import dynamo, minilm, ort_fused
 
         feeds = minilm.evaluation_feeds(300)
-        builders = {"minilm": minilm.build, "minilm-dynamo": dynamo.minilm, "minilm-ort-fused": ort_fused.minilm}
+        builders = {"minilm": minilm.build, "minilm-dynamo": dynamo.minilm, "minilm-ort-fused": ort_fused.minilm,
+                    "minilm-opset11": lambda: minilm.build(opset=11)}
         path = builders[name]()
         return {"path": path, "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul", "onnxopt-minmax", "onnxopt-percentile", "onnxopt-entropy"],
