@@ -182,6 +182,11 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
     if quick:
         tools = ["ort-dynamic-pc", "ort-static-minmax", "onnxsim-static-percentile", "onnxsim-dynamic"] + OURS
     quantized = quantize_all(name, spec, tools, workdir)
+    for info in quantized.values():  # a tool may write a model ORT refuses (ORT's own static quantizer at opset 11)
+        try:
+            info.get("error") or session(info["path"], 1)
+        except Exception as error:  # noqa: BLE001 - any load failure is that tool's result
+            info["error"] = f"ORT cannot load its output: {str(error).splitlines()[0][-200:]}"
     paths = {"fp32": str(spec["path"])} | {k: v["path"] for k, v in quantized.items() if not v.get("error")}
     rounds = tuple(max(3, r // 3) for r in spec["rounds"]) if quick else spec["rounds"]
     # The fp32 file in a second session, timed like a candidate: its ratios are this run's noise floor.
