@@ -81,6 +81,8 @@ def quantize(tool: str, src: str, calib: str, out: str, batch: int) -> dict | No
         variant = tool.removeprefix("onnxopt").lstrip("-")
         if variant == "dynamic":
             spec = "fold,fuse,quant:mode=dynamic"
+        elif variant == "skipln-kept":  # without fuse's residual Sum: ORT runs its SkipLayerNormalization kernel
+            spec = f"fold,fuse:skip_layernorm=keep,quant:samples={samples}"
         else:
             spec = f"fold,fuse,quant:samples={samples}" + (f",method={variant}" if variant else "")
         _, report = onnxopt.optimize(src, spec, output=out, calib=calib if variant != "dynamic" else None,

@@ -7,7 +7,9 @@
 Every tool gets the same fp32 model and the same calibration samples (MiniLM: 160 real sentences
 padded to 128 tokens; ``minilm-dynamo`` is the same model exported by torch's default dynamo exporter,
 models/dynamo.py, ``minilm-ort-fused`` the export as ORT's transformer optimizer fuses it,
-models/ort_fused.py, ``minilm-opset11`` the TorchScript export at opset 11; digits: 200 training images; ResNet-18-like net with random weights: 32
+models/ort_fused.py, ``minilm-opset11`` the TorchScript export at opset 11, ``minilm-fixed`` the export
+with its shapes fixed to [1, 128] (timed and scored one sentence at a time; its extra row
+``onnxopt-skipln-kept`` is onnxopt without `fuse`'s residual Sum); digits: 200 training images; ResNet-18-like net with random weights: 32
 random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
 cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
@@ -62,6 +64,14 @@ def case(name: str) -> dict:
         path = builders[name]()
         return {"path": path, "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul", "onnxopt-minmax", "onnxopt-percentile", "onnxopt-entropy"],
+                "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
+    if name == "minilm-fixed":  # [1, 128]: timed and evaluated one sentence at a time
+        from models import minilm
+
+        feeds = minilm.evaluation_feeds(300)
+        return {"path": minilm.build_fixed(1, 128), "calib": minilm.calibration_npz(), "eval": feeds,
+                "rounds": (30,), "batches": (1,), "chunk": 1, "extra": ["onnxopt-skipln-kept"],
+                "quick_tools": ["ort-dynamic-pc", "onnxsim-dynamic", "onnxopt", "onnxopt-skipln-kept"],
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
     if name == "digits":
         from models import digits
@@ -142,14 +152,16 @@ def _inputs(s: ort.InferenceSession) -> set[str]:
     return {i.name for i in s.get_inputs()}
 
 
-def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int], thread_counts=(1, 2)) -> dict:
+def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, ...], thread_counts=(1, 2),
+            batches: tuple[int, ...] = (1, 8)) -> dict:
     """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds, in an order shuffled
-    each round so that no candidate always runs right after the same neighbour."""
+    each round so that no candidate always runs right after the same neighbour. `rounds`: one count
+    per batch size."""
     timings: dict[str, dict[str, float]] = {k: {} for k in paths}
     rng = random.Random(0)
     for threads in thread_counts:
         sessions = {k: session(p, threads) for k, p in paths.items()}
-        for batch, n_rounds in zip((1, 8), rounds):
+        for batch, n_rounds in zip(batches, rounds):
             sliced = {k: {n: v[:batch] for n, v in feeds.items() if n in _inputs(s)} for k, s in sessions.items()}
             for k, s in sessions.items():
                 s.run(None, sliced[k])
@@ -166,13 +178,13 @@ def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, int], thread_
     return timings
 
 
-def evaluate(paths: dict[str, str], feeds: dict, accuracy) -> dict:
+def evaluate(paths: dict[str, str], feeds: dict, accuracy, chunk: int = 50) -> dict:
     outputs = {}
     for k, path in tqdm(paths.items(), desc="accuracy", unit="model", leave=False):
         s = session(path, 2)
         n = len(next(iter(feeds.values())))
-        outputs[k] = np.concatenate([s.run(None, {n_: v[i:i + 50] for n_, v in feeds.items() if n_ in _inputs(s)})[0]
-                                     for i in range(0, n, 50)])
+        outputs[k] = np.concatenate([s.run(None, {n_: v[i:i + chunk] for n_, v in feeds.items() if n_ in _inputs(s)})[0]
+                                     for i in range(0, n, chunk)])
     return accuracy(outputs)
 
 
@@ -180,7 +192,8 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
     spec = case(name)
     tools = PEERS + spec["extra"] + OURS
     if quick:
-        tools = ["ort-dynamic-pc", "ort-static-minmax", "onnxsim-static-percentile", "onnxsim-dynamic"] + OURS
+        tools = spec.get("quick_tools") or ["ort-dynamic-pc", "ort-static-minmax", "onnxsim-static-percentile",
+                                            "onnxsim-dynamic"] + OURS
     quantized = quantize_all(name, spec, tools, workdir)
     for info in quantized.values():  # a tool may write a model ORT refuses (ORT's own static quantizer at opset 11)
         try:
@@ -190,8 +203,8 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
     paths = {"fp32": str(spec["path"])} | {k: v["path"] for k, v in quantized.items() if not v.get("error")}
     rounds = tuple(max(3, r // 3) for r in spec["rounds"]) if quick else spec["rounds"]
     # The fp32 file in a second session, timed like a candidate: its ratios are this run's noise floor.
-    timings = measure(paths | {NOISE_ROW: paths["fp32"]}, spec["eval"], rounds)
-    accuracy = evaluate(paths, spec["eval"], spec["accuracy"])
+    timings = measure(paths | {NOISE_ROW: paths["fp32"]}, spec["eval"], rounds, batches=spec.get("batches", (1, 8)))
+    accuracy = evaluate(paths, spec["eval"], spec["accuracy"], spec.get("chunk", 50))
     rows = {"fp32": {"timing": timings["fp32"], "accuracy": accuracy["fp32"]},
             NOISE_ROW: {"timing": timings[NOISE_ROW], "accuracy": accuracy["fp32"]}}
     for tool, info in quantized.items():
@@ -201,7 +214,7 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
 
 def print_table(name: str, rows: dict) -> None:
     base = rows["fp32"]["timing"]
-    keys = ["b1_1t", "b8_1t", "b1_2t", "b8_2t"]
+    keys = [k for k in ("b1_1t", "b8_1t", "b1_2t", "b8_2t") if k in base]
     metrics = list(rows["fp32"]["accuracy"])
     header = ["candidate", "quant s", "peak MB", "size MB"] + [k.replace("_", " ") for k in keys] + metrics
     lines = []

@@ -171,6 +171,25 @@ def build(force: bool = False, opset: int = OPSET) -> Path:
     return path
 
 
+def build_fixed(batch: int = 1, seq_len: int = 128) -> Path:
+    """``build/minilm_fixed_<batch>x<seq_len>.onnx``: the export with its inputs and output fixed to
+    [batch, seq_len] (as `onnx.tools.update_model_dims` or an exporter without dynamic axes writes a
+    model for a fixed-size runtime); ONNX Runtime then knows every shape in the graph."""
+    import onnx
+    from onnx.tools import update_model_dims
+
+    source = build()
+    path = BUILD_DIR / f"minilm_fixed_{batch}x{seq_len}.onnx"
+    if is_fresh([path], (*_SOURCES, source)):
+        return path
+    model = update_model_dims.update_inputs_outputs_dims(
+        onnx.load(str(source)), {name: [batch, seq_len] for name in INPUT_NAMES}, {OUTPUT_NAME: [batch, seq_len, 384]})
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return path
+
+
 if __name__ == "__main__":
     import onnx
     import onnxruntime as ort
