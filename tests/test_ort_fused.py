@@ -66,3 +66,15 @@ def test_lowrank_factors_them_and_prune_shrinks_the_ffns_through_biasgelu(fused_
     biases = [t for t in model.graph.initializer if t.name.endswith("intermediate.dense.bias")]
     assert biases and all(tuple(t.dims) == (768,) for t in biases)  # BiasGelu's bias shrank with its FFN
     assert any("SkipLayerNormalization (domain com.microsoft) has no pruning rule" in s for s in record["skipped"])
+
+
+def test_the_fused_minilm_runs_in_torch_as_in_onnx_runtime_so_distill_can_train_it(fused_minilm):
+    pytest.importorskip("torch")
+    import numpy as np
+    from models import minilm
+    from test_distill import assert_matches_ort
+
+    feeds = {k: v[:4] for k, v in np.load(minilm.calibration_npz()).items()}
+    assert_matches_ort(onnx.load(str(fused_minilm)), feeds)  # Attention, SkipLN, EmbedLN, BiasGelu in torch
+    written_out, _ = onnxopt.optimize(str(fused_minilm), "fold,fuse", compare=False)
+    assert_matches_ort(written_out, feeds)  # what distill meets after fold,fuse

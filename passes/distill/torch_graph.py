@@ -9,8 +9,9 @@ in, node for node, with new weight values: same opset, same I/O names, nothing f
 get wrong. (torch.onnx.export, or onnx2torch plus an export, would rebuild a different graph, and
 onnx2torch needs torchvision; see docs/distill.md.)
 
-A graph this module does not cover (an op outside `torch_ops.OPS`, another domain, If/Loop/Scan
-subgraphs) is refused up front with one line naming what is missing.
+A graph this module does not cover (an op outside `torch_ops.OPS` and ONNX Runtime's ops in
+`torch_contrib`, another domain, If/Loop/Scan subgraphs) is refused up front with one line naming
+what is missing.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from onnx import numpy_helper
 from onnxopt import OnnxoptError
 from onnxopt.graph import constant_node_value, has_subgraph
 
+from .torch_contrib import CONTRIB_OPS
 from .torch_ops import OPS, Attrs
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -35,6 +37,8 @@ def unsupported(model: onnx.ModelProto) -> list[str]:
     missing: Counter = Counter()
     example = {}
     for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in CONTRIB_OPS:
+            continue
         if node.domain not in ("", "ai.onnx"):
             what = f"{node.domain}.{node.op_type}"
         elif has_subgraph(node):
@@ -52,7 +56,8 @@ def check_supported(model: onnx.ModelProto, who: str = "distill") -> None:
     missing = unsupported(model)
     if missing:
         raise OnnxoptError(f"{who}: the ONNX-to-torch converter does not cover {', '.join(missing)}",
-                           f"it runs these ops: {', '.join(sorted(OPS))}; or distill into a torch student "
+                           f"it runs these ops: {', '.join(sorted(OPS))} and com.microsoft "
+                           f"{', '.join(sorted(CONTRIB_OPS))}; or distill into a torch student "
                            "of your own (student=module:function)")
 
 
@@ -115,7 +120,8 @@ class TorchGraph(torch.nn.Module):
             while args and args[-1] is None:
                 args.pop()
             try:
-                out = OPS[node.op_type](attrs, self.opset, *args)
+                run = CONTRIB_OPS[node.op_type] if node.domain == "com.microsoft" else OPS[node.op_type]
+                out = run(attrs, self.opset, *args)
             except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as exc:
                 raise OnnxoptError(f"distill: torch cannot run node '{node.name or node.output[0]}' "
                                    f"({node.op_type}): {str(exc).splitlines()[0]}") from exc
