@@ -373,8 +373,9 @@ def _completed(light: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto]) ->
       shape, which onnx cannot rank, and every tensor after it (all the layers after the first
       attention) then has no shape: MiniLM exported at opset 11."""
     graph = light.graph
+    ranked: set[str] = set()  # each tensor is given a rank once, whatever inference then makes of it
     for _ in range(len(graph.node)):
-        known = _contrib_types(graph, infos) + _structural_ranks(graph, infos)
+        known = _contrib_types(graph, infos) + _structural_ranks(graph, infos, ranked)
         if not known:
             return infos
         graph.value_info.extend(known)
@@ -406,18 +407,20 @@ def _contrib_types(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]
     return known
 
 
-def _structural_ranks(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+def _structural_ranks(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto],
+                      ranked: set[str]) -> list[onnx.ValueInfoProto]:
     """Rank-only shapes (every dim unknown) for typed tensors of the main graph that inference left
-    without a shape, where the ops computing them tell the rank."""
+    without a shape, where the ops computing them tell the rank (each name once: `ranked`)."""
     view = GraphView(graph)
     view.value_info.update(infos)
     known = []
     for node in graph.node:
         for name in node.output:
             vi = infos.get(name)
-            if not name or not _elem(infos, name) or vi.type.tensor_type.HasField("shape"):
+            if not name or name in ranked or not _elem(infos, name) or vi.type.tensor_type.HasField("shape"):
                 continue
             rank = view.rank(name)
             if rank is not None:
+                ranked.add(name)
                 known.append(onnx.helper.make_tensor_value_info(name, _elem(infos, name), [None] * rank))
     return known

@@ -98,7 +98,7 @@ class OrtAttentionToOnnx:
         scores = names(f"{base}/scores")
         nodes.append(helper.make_node("MatMul", [projected["q"], projected["k"]], [scores], name=names(f"{base}/scores")))
         if len(node.input) > 3 and node.input[3]:
-            addend = self._mask_addend(node, view, names, constant, nodes)
+            addend = self._mask_addend(node, view, names, constant, nodes, weight.dtype)
             masked = names(f"{base}/masked_scores")
             nodes.append(helper.make_node("Add", [scores, addend], [masked], name=names(f"{base}/mask")))
             scores = masked
@@ -111,9 +111,10 @@ class OrtAttentionToOnnx:
                                    [node.output[0]], name=names(f"{base}/merge_heads"))]
         return Replacement(nodes, initializers)
 
-    def _mask_addend(self, node, view, names, constant, nodes) -> str:
-        """Appends to `nodes` the ops computing the [batch, 1, 1, keys] float addend of the scores:
-        0 where a key is kept, mask_filter_value where it is masked; returns its name."""
+    def _mask_addend(self, node, view, names, constant, nodes, dtype) -> str:
+        """Appends to `nodes` the ops computing the [batch, 1, 1, keys] addend of the scores (in `dtype`,
+        the weights' float type): 0 where a key is kept, mask_filter_value where it is masked; returns
+        its name."""
         base = node.name or node.output[0]
         mask = node.input[3]
         kind, _ = _mask_kind(mask, view)
@@ -139,8 +140,8 @@ class OrtAttentionToOnnx:
             nodes.append(helper.make_node("Greater", [mask, constant(zero, "mask_zero")], [keep], name=names(f"{base}/keep")))
         flat, addend = names(f"{base}/mask_addend_2d"), names(f"{base}/mask_addend")
         filter_value = attribute(node, "mask_filter_value", MASK_FILTER_VALUE)
-        nodes += [helper.make_node("Where", [keep, constant(np.array(0.0, np.float32), "kept"),
-                                             constant(np.array(filter_value, np.float32), "masked")], [flat],
+        nodes += [helper.make_node("Where", [keep, constant(np.array(0.0, dtype), "kept"),
+                                             constant(np.array(filter_value, dtype), "masked")], [flat],
                                    name=names(f"{base}/mask_addend_2d")),
                   self._unsqueeze(flat, [1, 2], addend, names(f"{base}/mask_addend"), constant)]
         return addend

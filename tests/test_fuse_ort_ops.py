@@ -173,3 +173,17 @@ def test_attention_is_kept_for_other_eps_and_on_request():
     assert "Attention" in op_types(fuse(model, ep="cuda").model)
     assert "Attention" in op_types(fuse(model, ort_attention="keep").model)
     assert "Attention" not in op_types(fuse(model, ep="cuda", ort_attention="onnx").model)
+
+
+def test_a_float16_attention_is_written_in_float16(tmp_path):
+    model = attention_model("raw")
+    for tensor_ in model.graph.initializer:
+        tensor_.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor_).astype(np.float16), tensor_.name))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    result = fuse(model)
+    assert result.counts.get("com.microsoft Attention -> ONNX ops") == 1
+    inputs = attention_feeds()
+    inputs["x"] = inputs["x"].astype(np.float16)
+    got, want = ort_run(result.model, inputs)[0], ort_run(model, inputs)[0]
+    assert got.dtype == np.float16 and np.abs(got.astype(np.float32) - want.astype(np.float32)).max() < 2e-2
