@@ -171,6 +171,50 @@ def build(force: bool = False, opset: int = OPSET) -> Path:
     return path
 
 
+POOLED_PATH = BUILD_DIR / "minilm_pooled.onnx"
+POOLED_OUTPUT = "sentence_embedding"
+
+
+def build_pooled(force: bool = False) -> Path:
+    """``build/minilm_pooled.onnx``: the encoder with sentence-transformers' pooling inside the graph
+    (mean over the real tokens, then L2-normalised: what :func:`embed` computes in numpy), output
+    ``sentence_embedding`` [batch, 384], as sentence-transformers models are often exported whole."""
+    if not force and is_fresh([POOLED_PATH], _SOURCES):
+        return POOLED_PATH
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    encoder = _encoder_module(torch_model())
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.encoder(input_ids, attention_mask, token_type_ids)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+            return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+    feeds = encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
+    args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {POOLED_OUTPUT: {0: "batch"}}
+    with atomic_path(POOLED_PATH) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Pooled().eval(), args, str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=list(INPUT_NAMES), output_names=[POOLED_OUTPUT], dynamic_axes=axes,
+                          do_constant_folding=True)
+        onnx.checker.check_model(str(tmp))
+        check = encode(_sample_sentences(), seq_len=64, pad_to_max=False)
+        got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, check)[0]
+        hidden = ort.InferenceSession(str(build()), providers=["CPUExecutionProvider"]).run(None, check)[0]
+        if not np.allclose(got, embed(hidden, check["attention_mask"]), atol=ATOL):
+            raise RuntimeError("the pooled export differs from the encoder's embeddings")
+    return POOLED_PATH
+
+
 def build_fixed(batch: int = 1, seq_len: int = 128) -> Path:
     """``build/minilm_fixed_<batch>x<seq_len>.onnx``: the export with its inputs and output fixed to
     [batch, seq_len] (as `onnx.tools.update_model_dims` or an exporter without dynamic axes writes a

@@ -73,3 +73,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def optimized_minilm(path: Path, pipeline: str, least_cosine: float) -> onnx.ModelProto:
+    """`pipeline` run on a MiniLM export at `path` with the calibration sentences: the result passes the
+    checker with strict shape inference (no stale recorded shape) and the report's comparison on
+    held-out samples reaches `least_cosine`. For the tests of MiniLM's export forms."""
+    import onnxopt
+    from models import minilm
+
+    model, report = onnxopt.optimize(str(path), pipeline, calib=str(minilm.calibration_npz()), runs=0)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.agreement.cosine >= least_cosine, report.agreement
+    return model

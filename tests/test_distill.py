@@ -81,6 +81,8 @@ OP_CASES = {
     "gather negative indices": ("Gather", {"x": f32(5, 3)}, dict(axis=0), {"i": i64(-1, 0, -2).reshape(3, 1)}, 17),
     "reduce mean axes attribute": ("ReduceMean", {"x": f32(2, 3, 4)}, dict(axes=[1, -1], keepdims=0), {}, 13),
     "reduce sum axes input": ("ReduceSum", {"x": f32(2, 3, 4)}, dict(keepdims=1), {"a": i64(0, 2)}, 13),
+    "reduce l2 (F.normalize)": ("ReduceL2", {"x": f32(2, 3, 4)}, dict(axes=[1], keepdims=1), {}, 17),
+    "reduce l1 axes input": ("ReduceL1", {"x": f32(2, 3, 4)}, dict(keepdims=0), {"a": i64(-1)}, 18),
     "layernorm axis 1": ("LayerNormalization", {"x": f32(2, 3, 4)}, dict(axis=1, epsilon=1e-3),
                          {"s": f32(3, 4), "b": f32(3, 4)}, 17),
     "batchnorm": ("BatchNormalization", {"x": f32(2, 3, 4, 4)}, dict(epsilon=1e-3),

@@ -318,6 +318,11 @@ def _reduce_max(x, dim, keepdim):
     return torch.amax(x, dim=dim, keepdim=keepdim)
 
 
+def _norm(order: int):
+    """ReduceL1 / ReduceL2 (an exported F.normalize: sentence-transformers' pooled embeddings)."""
+    return lambda x, dim, keepdim: torch.linalg.vector_norm(x, order, dim=dim, keepdim=keepdim)
+
+
 def _where(a, opset, condition, x, y):
     return torch.where(condition, x, y)
 
@@ -361,5 +366,6 @@ OPS = {
     "GatherND": _gather_nd, "Shape": _shape, "ConstantOfShape": _constant_of_shape, "Range": _range,
     "Expand": _expand,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(_reduce_max),
+    "ReduceL1": _reduce(_norm(1)), "ReduceL2": _reduce(_norm(2)),
     "Where": _where, "Pad": _pad,
 }
