@@ -9,7 +9,8 @@ padded to 128 tokens; ``minilm-dynamo`` is the same model exported by torch's de
 models/dynamo.py, ``minilm-ort-fused`` the export as ORT's transformer optimizer fuses it,
 models/ort_fused.py, ``minilm-opset11`` the TorchScript export at opset 11, ``minilm-fixed`` the export
 with its shapes fixed to [1, 128] (timed and scored one sentence at a time; its extra row
-``onnxopt-skipln-kept`` is onnxopt without `fuse`'s residual Sum); digits: 200 training images; ResNet-18-like net with random weights: 32
+``onnxopt-skipln-kept`` is onnxopt without `fuse`'s residual Sum), ``minilm-pooled`` the model exported
+with sentence-transformers' pooling and normalisation in its graph; digits: 200 training images; ResNet-18-like net with random weights: 32
 random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
 time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
 cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
@@ -65,6 +66,12 @@ def case(name: str) -> dict:
         return {"path": path, "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
                 "extra": ["ort-static-matmul", "onnxopt-minmax", "onnxopt-percentile", "onnxopt-entropy"],
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
+    if name == "minilm-pooled":  # pooling and normalisation in the graph: the outputs are the embeddings
+        from models import minilm
+
+        feeds = minilm.evaluation_feeds(300)
+        return {"path": minilm.build_pooled(), "calib": minilm.calibration_npz(), "eval": feeds, "rounds": (30, 10),
+                "extra": [], "accuracy": lambda outs: _embedding_accuracy(outs, feeds, pooled=True)}
     if name == "minilm-fixed":  # [1, 128]: timed and evaluated one sentence at a time
         from models import minilm
 
@@ -87,10 +94,12 @@ def case(name: str) -> dict:
     raise SystemExit(f"unknown model {name}")
 
 
-def _embedding_accuracy(outputs: dict, feeds) -> dict:
+def _embedding_accuracy(outputs: dict, feeds, pooled: bool = False) -> dict:
+    """Mean cosine to fp32's sentence embeddings and nearest-neighbour agreement; `pooled`: the
+    outputs are the embeddings already (the model pools and normalises in its graph)."""
     from models import minilm
 
-    emb = {k: minilm.embed(v, feeds["attention_mask"]) for k, v in outputs.items()}
+    emb = {k: v if pooled else minilm.embed(v, feeds["attention_mask"]) for k, v in outputs.items()}
     ref = emb["fp32"] @ emb["fp32"].T
     np.fill_diagonal(ref, -np.inf)
     result = {}
