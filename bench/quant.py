@@ -10,10 +10,10 @@ models/dynamo.py, ``minilm-ort-fused`` the export as ORT's transformer optimizer
 models/ort_fused.py, ``minilm-opset11`` the TorchScript export at opset 11, ``minilm-fixed`` the export
 with its shapes fixed to [1, 128] (timed and scored one sentence at a time; its extra row
 ``onnxopt-skipln-kept`` is onnxopt without `fuse`'s residual Sum), ``minilm-pooled`` the model exported
-with sentence-transformers' pooling and normalisation in its graph; digits: 200 training images; ResNet-18-like net with random weights: 32
-random-normal images). Each quantization runs in a fresh process (bench/_quant_child.py): its wall
-time (calibration + quantization) and peak RSS are the tool's own; onnxopt gets a cold calibration
-cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
+with sentence-transformers' pooling and normalisation in its graph; digits: 200 training images;
+ResNet-18-like net with random weights: 32 random-normal images). Each quantization runs in a fresh
+process (bench/_quant_child.py): its wall time (calibration + quantization) and peak RSS are the
+tool's own; onnxopt gets a cold calibration cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
 each round) with ORT on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32
 median / candidate median (> 1 is faster). The row "fp32, 2nd session" is the fp32 file in a second
 session, timed like a candidate: how far it strays from 1.00x is this run's timing noise. Accuracy:
@@ -205,8 +205,10 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
                                             "onnxsim-dynamic"] + OURS
     quantized = quantize_all(name, spec, tools, workdir)
     for info in quantized.values():  # a tool may write a model ORT refuses (ORT's own static quantizer at opset 11)
+        if info.get("error"):
+            continue
         try:
-            info.get("error") or session(info["path"], 1)
+            session(info["path"], 1)
         except Exception as error:  # noqa: BLE001 - any load failure is that tool's result
             info["error"] = f"ORT cannot load its output: {str(error).splitlines()[0][-200:]}"
     paths = {"fp32": str(spec["path"])} | {k: v["path"] for k, v in quantized.items() if not v.get("error")}
