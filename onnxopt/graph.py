@@ -233,6 +233,10 @@ class GraphView:
             return None if not ranks or None in ranks else max(ranks)
         return None
 
+    def elem_type(self, name: str) -> int:
+        """A tensor's element type (TensorProto enum) if known, else 0 (UNDEFINED)."""
+        return _elem(self.value_info, name)
+
     def static_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a tensor if every dim is known."""
         value = self.constant(name) if self.is_constant(name) else None

@@ -136,7 +136,7 @@ class OrtAttentionToOnnx:
                                        to=TensorProto.INT64),
                       helper.make_node("Less", [positions, lengths64], [keep], name=names(f"{base}/keep"))]
         else:  # a raw [batch, keys] mask: 0 masks
-            zero = np.zeros((), helper.tensor_dtype_to_np_dtype(_elem_type(mask, view)))
+            zero = np.zeros((), helper.tensor_dtype_to_np_dtype(view.elem_type(mask)))
             nodes.append(helper.make_node("Greater", [mask, constant(zero, "mask_zero")], [keep], name=names(f"{base}/keep")))
         flat, addend = names(f"{base}/mask_addend_2d"), names(f"{base}/mask_addend")
         filter_value = attribute(node, "mask_filter_value", MASK_FILTER_VALUE)
@@ -162,17 +162,12 @@ def _widths(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int, int] | 
     return tuple(int(s) for s in sizes)
 
 
-def _elem_type(name: str, view: GraphView) -> int:
-    vi = view.value_info.get(name)
-    return vi.type.tensor_type.elem_type if vi is not None else 0
-
-
 def _mask_kind(mask: str, view: GraphView) -> tuple[str, str | None]:
     """("lengths" | "raw", None) for the mask forms written out, or ("", why not)."""
     producer = view.producer.get(mask)
     if producer is not None and producer.op_type == "EmbedLayerNormalization" and list(producer.output[1:2]) == [mask]:
         return "lengths", None
-    if view.rank(mask) == 2 and _elem_type(mask, view) in (TensorProto.INT32, TensorProto.INT64):
+    if view.rank(mask) == 2 and view.elem_type(mask) in (TensorProto.INT32, TensorProto.INT64):
         return "raw", None
     return "", ("mask_index is neither EmbedLayerNormalization's lengths nor a raw 2-D integer mask "
                 "(1-D start and end positions, 3-D and 4-D masks are left fused)")
