@@ -99,6 +99,17 @@ OP_CASES = {
     "gathernd batch_dims": ("GatherND", {"x": f32(2, 3, 4)}, dict(batch_dims=1),
                             {"i": np.array([[[2], [0]], [[1], [-1]]], np.int64)}, 13),
     "pad constant": ("Pad", {"x": f32(2, 3)}, {}, {"p": i64(0, 1, 2, 0), "v": np.array(1.5, np.float32)}, 17),
+    "cos (rotary embeddings)": ("Cos", {"x": f32(3, 4)}, {}, {}, 17),
+    "sin": ("Sin", {"x": f32(3, 4)}, {}, {}, 17),
+    "softplus": ("Softplus", {"x": f32(3, 4)}, {}, {}, 17),
+    "floor": ("Floor", {"x": f32(3, 4) * 3}, {}, {}, 17),
+    "ceil": ("Ceil", {"x": f32(3, 4) * 3}, {}, {}, 17),
+    "sign": ("Sign", {"x": f32(3, 4)}, {}, {}, 17),
+    "trilu lower, k = -1": ("Trilu", {"x": f32(2, 4, 5)}, dict(upper=0), {"k": np.array(-1, np.int64)}, 17),
+    "trilu upper (a causal mask)": ("Trilu", {"x": f32(4, 4)}, {}, {"k": np.array(1, np.int64)}, 17),
+    "cumsum exclusive reverse": ("CumSum", {"x": f32(2, 5)}, dict(exclusive=1, reverse=1),
+                                 {"a": np.array(1, np.int64)}, 17),
+    "cumsum (position ids from a mask)": ("CumSum", {"x": f32(2, 5)}, {}, {"a": np.array(-1, np.int64)}, 17),
 }
 
 

@@ -342,6 +342,21 @@ def _pad(a, opset, x, pads=None, value=None, axes=None):
     return F.pad(x, _torch_pad(pads), value=fill)
 
 
+def _trilu(a, opset, x, k=None):
+    shift = 0 if k is None else int(k.item())
+    return torch.triu(x, shift) if a("upper", 1) else torch.tril(x, shift)
+
+
+def _cumsum(a, opset, x, axis):
+    dim = int(axis.item())
+    if a("reverse", 0):
+        x = torch.flip(x, [dim])
+    total = torch.cumsum(x, dim)
+    if a("exclusive", 0):
+        total = total - x
+    return torch.flip(total, [dim]) if a("reverse", 0) else total
+
+
 OPS = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _div,
     "Pow": _binary(torch.pow), "MatMul": _binary(torch.matmul), "Equal": _binary(torch.eq),
@@ -351,6 +366,8 @@ OPS = {
     "Log": _unary(torch.log), "Neg": _unary(torch.neg), "Abs": _unary(torch.abs),
     "Reciprocal": _unary(torch.reciprocal), "Erf": _unary(torch.erf), "Tanh": _unary(torch.tanh),
     "Sigmoid": _unary(torch.sigmoid), "Relu": _unary(torch.relu), "Identity": _unary(lambda x: x),
+    "Cos": _unary(torch.cos), "Sin": _unary(torch.sin), "Softplus": _unary(F.softplus),
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Sign": _unary(torch.sign),
     "Dropout": lambda a, opset, x, *rest: x,  # inference semantics: the student trains as it will run
     "LeakyRelu": lambda a, opset, x: F.leaky_relu(x, a("alpha", 0.01)),
     "HardSigmoid": lambda a, opset, x: torch.clamp(a("alpha", 0.2) * x + a("beta", 0.5), 0, 1),
@@ -367,5 +384,5 @@ OPS = {
     "Expand": _expand,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum), "ReduceMax": _reduce(_reduce_max),
     "ReduceL1": _reduce(_norm(1)), "ReduceL2": _reduce(_norm(2)),
-    "Where": _where, "Pad": _pad,
+    "Where": _where, "Pad": _pad, "Trilu": _trilu, "CumSum": _cumsum,
 }
