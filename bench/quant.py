@@ -80,6 +80,13 @@ def case(name: str) -> dict:
                 "rounds": (30,), "batches": (1,), "chunk": 1, "extra": ["onnxopt-skipln-kept"],
                 "quick_tools": ["ort-dynamic-pc", "onnxsim-dynamic", "onnxopt", "onnxopt-skipln-kept"],
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
+    if name in ("decoder", "decoder-dynamo"):  # a Llama-style byte LM: rotary, grouped-query attention
+        from models import decoder
+
+        feeds = decoder.evaluation_feeds(200)
+        return {"path": decoder.build(dynamo=name.endswith("dynamo")), "calib": decoder.calibration_npz(),
+                "eval": feeds, "rounds": (100, 30), "extra": [],
+                "accuracy": lambda outs: _next_byte(outs, feeds)}
     if name == "digits":
         from models import digits
 
@@ -109,6 +116,21 @@ def _embedding_accuracy(outputs: dict, feeds, pooled: bool = False) -> dict:
         result[k] = {"cosine": float(np.mean(np.sum(e * emb["fp32"], axis=1))),
                      "nn_agreement": float(np.mean(sim.argmax(1) == ref.argmax(1)))}
     return result
+
+
+def _next_byte(outputs: dict, feeds) -> dict:
+    """A language model's next-byte predictions over the real bytes of the evaluation sentences: how
+    often they agree with fp32's, and how often they are right."""
+    from models import decoder
+
+    mask = feeds["attention_mask"]
+    truth = np.zeros_like(feeds["input_ids"])
+    truth[:, :-1] = feeds["input_ids"][:, 1:]
+    scored = mask.astype(bool) & np.roll(mask, -1, axis=1).astype(bool)  # the next byte is real too
+    scored[:, -1] = False
+    return {k: {"next_byte_agreement": decoder.next_byte_agreement(outputs["fp32"], v, mask),
+                "next_byte_accuracy": float(np.mean(v.argmax(-1)[scored] == truth[scored]))}
+            for k, v in outputs.items()}
 
 
 def _top1(outputs: dict, labels) -> dict:

@@ -364,8 +364,8 @@ def test_dead_units_on_real_models_change_nothing(name, digits_model, minilm_mod
 
     shapes = Prune()._shapes(model, onnxopt.PassContext(sample_inputs=[feeds]), None)
     groups, _ = find_groups(model, shapes)
-    heads = [g for g in groups if g.reshapes]
-    group = (heads if name == "minilm-heads" else [g for g in groups if not g.reshapes])[0]
+    heads = [g for g in groups if g.reshaped]
+    group = (heads if name == "minilm-heads" else [g for g in groups if not g.reshaped])[0]
     units = list(range(0, group.units, 4))
     dead = kill(model, group, units)
     again, _ = find_groups(dead, shapes)

@@ -167,7 +167,7 @@ class Prune(Pass):
     # ------------------------------------------------------------------ choices
 
     def _wanted(self, group: Group) -> bool:
-        heads = any(m.width > 1 and m.role == "out" for m in group.members) and bool(group.reshapes)
+        heads = any(m.width > 1 and m.role == "out" for m in group.members) and group.reshaped
         if heads != (self.options.structure == "heads"):
             return False
         patterns = [p for p in self.options.exclude.split(";") if p]

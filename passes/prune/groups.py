@@ -83,6 +83,7 @@ class Group:
     reshapes: list[ReshapeTarget]
     sources: list[str]  # names of the layers whose output channels the group removes
     depthwise: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # their `group` shrinks too
+    reshaped: bool = False  # a Reshape splits or merges the axis on the way (heads: [.., H * D] -> [.., H, D])
 
     def weights(self, view: GraphView, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role and view.constant(m.slot.tensor) is not None]
@@ -157,6 +158,8 @@ class _Finder:
         widths: dict[Slot, Fraction] = {}
         roles: dict[Slot, str] = {}
         self._depthwise: dict[int, onnx.NodeProto] = {}
+        self._size_reads: list[tuple[str, int]] = []  # (tensor, axis) whose run-time size a target takes
+        self._reshaped = False
         reshapes: list[tuple[onnx.NodeProto, int, Fraction]] = []
         sources: list[str] = []
         todo = [(seed, Fraction(1))]
@@ -184,6 +187,11 @@ class _Finder:
                 todo += self._through(producer, slot, width, roles, reshapes, sources)
             for node in self.view.consumers.get(slot.tensor, []):
                 todo += self._through(node, slot, width, roles, reshapes, sources)
+        whole = {(s.tensor, s.axis) for s in widths if s.lo == 0 and s.hi == self._dim(s.tensor, s.axis)}
+        for tensor, axis in self._size_reads:  # a target's size read from a tensor must shrink as the group does
+            if (tensor, axis) not in whole:
+                raise Blocked(f"a Reshape or Expand takes its size at the channel axis from {tensor}, which does "
+                              "not shrink with the group")
         scale = math.lcm(*(w.denominator for w in widths.values()), *(w.denominator for _, _, w in reshapes))
         units = Fraction(seed.hi - seed.lo) / (widths[seed] * scale)
         if units.denominator != 1 or units < 2:
@@ -193,7 +201,7 @@ class _Finder:
         if not sources:
             sources = [layer.name or layer.output[0]]
         return Group(int(units), members, [ReshapeTarget(n, a, int(w * scale)) for n, a, w in reshapes],
-                     list(dict.fromkeys(sources)), list(self._depthwise.values()))
+                     list(dict.fromkeys(sources)), list(self._depthwise.values()), self._reshaped)
 
     # ------------------------------------------------------------------ op rules
 
@@ -266,6 +274,12 @@ class _Finder:
             if position and position[0] == 1:
                 raise Blocked("it reaches a Reshape's shape")
             return self._reshape(node, slot, width, is_output, reshapes)
+        if op == "Expand":
+            if position and position[0] == 1:
+                raise Blocked("it reaches an Expand's shape")
+            return self._expand(node, slot, width, is_output, reshapes)
+        if op == "Slice":
+            return self._slice(node, slot, position, same)
         if op in ("Squeeze", "Unsqueeze"):
             return self._squeeze(node, slot, width, is_output)
         if op == "Concat":
@@ -289,6 +303,42 @@ class _Finder:
         if slot.axis in {int(a) % rank for a in axes}:
             raise Blocked(f"{node.op_type} reduces over that axis of {node.input[0]}")
         return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+
+    def _slice(self, node, slot: Slot, position, same) -> list:
+        """A Slice along other axes than the channel's (rotary embeddings split each head's dims in
+        halves): the channel axis passes through."""
+        if position and position[0] > 0:
+            raise Blocked("it reaches a Slice's bounds")
+        if len(node.input) > 1:  # opset >= 10: starts, ends, axes as inputs
+            starts = self.view.constant(node.input[1])
+            axes = self.view.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else \
+                None if starts is None else np.arange(starts.size)
+        else:
+            axes = attribute(node, "axes", None) or list(range(len(attribute(node, "starts", []))))
+        if axes is None:
+            raise Blocked("Slice with computed axes")
+        rank = self._rank(node.input[0])
+        if slot.axis in {int(a) % rank for a in np.atleast_1d(axes)}:
+            raise Blocked("Slice cuts that axis")
+        return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+
+    def _expand(self, node, slot: Slot, width: Fraction, is_output: bool, reshapes) -> list:
+        """Expand broadcasts its input to a target shape; an axis on which the input holds the channels
+        keeps them (grouped-query attention repeats each key/value head for its query heads this way).
+        The target's entry there is 1 (the input's size), a constant that shrinks with the group, or
+        the size of a tensor of the group read at run time (checked when the walk ends)."""
+        x, out = node.input[0], node.output[0]
+        rank_x, rank_out = self._rank(x), self._rank(out)
+        out_axis = slot.axis if is_output else slot.axis + rank_out - rank_x
+        in_axis = out_axis - (rank_out - rank_x)
+        if in_axis < 0 or self._dim(x, in_axis) == 1:
+            raise Blocked("Expand broadcasts the channel axis")
+        target_dims = self.dims.get(node.input[1])
+        length = target_dims[0] if target_dims and isinstance(target_dims[0], int) else rank_out
+        b = out_axis - (rank_out - length)
+        if b >= 0 and self._constant_target(node, b):
+            reshapes.append((node, b, width))
+        return [(Slot(out, out_axis, slot.lo, slot.hi), width), (Slot(x, in_axis, slot.lo, slot.hi), width)]
 
     @staticmethod
     def _block(op: str, why: str):
@@ -443,8 +493,8 @@ class _Finder:
             rest_in, rest_out = source[a + 1:], result[b + 1:] if b < len(result) else ()
             d = source[a]
             if b < len(result) and result[b] == d and _same_product(rest_in, rest_out):
-                self._check_target(node, b)
-                reshapes.append((node, b, width))
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width))
                 return [(Slot(node.output[0], b, slot.lo, slot.hi), width)]
             if b + 1 < len(result) and isinstance(d, int) and isinstance(result[b], int) and \
                     isinstance(result[b + 1], int) and result[b] * result[b + 1] == d and \
@@ -452,20 +502,30 @@ class _Finder:
                 inner = result[b + 1]
                 if slot.lo % inner or slot.hi % inner:
                     raise Blocked("Reshape splits the axis inside a unit")
-                self._check_target(node, b)
-                reshapes.append((node, b, width / inner))
+                self._reshaped = True
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width / inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
             inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
             if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
-                self._check_target(node, b)
-                reshapes.append((node, b, width * inner))
+                self._reshaped = True
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width * inner))
                 return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
         raise Blocked("Reshape mixes the channel axis with others")
 
-    def _check_target(self, node, b: int) -> None:
-        """The Reshape's target entry at the channel axis must be -1, 0 or a constant we can shrink."""
-        if target_entry(node, b, self.view) is None:
-            raise Blocked("Reshape's target size at the channel axis is computed")
+    def _constant_target(self, node, b: int) -> bool:
+        """Whether the Reshape's (or Expand's) target entry at the channel axis is a constant that must
+        shrink with the group (-1 and 0, an Expand's 1, and the run-time size of a tensor of the group,
+        checked when the walk ends, follow by themselves)."""
+        entry = target_entry(node, b, self.view)
+        if entry is not None:
+            return entry[2] > 1
+        read = size_read(target_piece(node, b, self.view), self.view)
+        if read is None:
+            raise Blocked(f"{node.op_type}'s target size at the channel axis is computed")
+        self._size_reads.append(read)
+        return False
 
     def _reshape_back(self, node, slot: Slot, width: Fraction, source, result) -> list:
         b = slot.axis
@@ -534,27 +594,98 @@ class _Finder:
 
 
 def target_entry(node: onnx.NodeProto, b: int, view: GraphView) -> tuple[str, int, int] | None:
-    """Where a Reshape's target keeps its entry at position b: (constant tensor, element, value); None
-    when that entry is computed at run time."""
-    target = view.constant(node.input[1])
+    """Where a Reshape's (or Expand's) target keeps its entry at position b: (constant tensor, element,
+    value); None when that entry is computed at run time."""
+    found = target_piece(node, b, view)
+    value = None if found is None else view.constant(found[2])
+    return None if value is None else (found[2], found[3], int(value.reshape(-1)[found[3]]))
+
+
+def target_piece(node: onnx.NodeProto, b: int, view: GraphView) -> tuple[onnx.NodeProto, int, str, int] | None:
+    """Entry b of a Reshape's or Expand's target: (the node that reads the tensor holding it, which of
+    its inputs that is, the tensor, the element in it). The tensor is the target itself or a piece of
+    the Concat that builds it, seen through TorchScript's `expand` guard Where(Equal(t, -1), 1, t) and
+    1-D Reshapes of t."""
+    holder, index = node, 1
+    while view.constant(holder.input[index]) is None:
+        producer = view.producer.get(holder.input[index])
+        if producer is not None and producer.op_type == "Reshape" and view.constant(producer.input[1]) is not None \
+                and view.constant(producer.input[1]).reshape(-1).tolist() == [-1]:
+            holder, index = producer, 0
+        elif producer is not None and producer.op_type == "Where" and _expand_guard(producer, view):
+            holder, index = producer, 2
+        else:
+            break
+    name = holder.input[index]
+    target = view.constant(name)
     if target is not None:
-        return (node.input[1], b, int(target.reshape(-1)[b])) if b < target.size else None
-    concat = view.producer.get(node.input[1])
+        return (holder, index, name, b) if b < target.size else None
+    concat = view.producer.get(name)
     if concat is None or concat.op_type != "Concat":
         return None
     position = 0
-    for piece in concat.input:
+    for index, piece in enumerate(concat.input):
         value = view.constant(piece)
-        if value is None:
-            size = 1  # a computed piece is one dim (Unsqueeze(Gather(Shape(x), k))) in exported graphs
-            if position == b:
-                return None
-        else:
-            size = value.size
-            if position <= b < position + size:
-                return piece, b - position, int(value.reshape(-1)[b - position])
+        size = 1 if value is None else value.size  # a computed piece is one dim in exported graphs
+        if position <= b < position + size:
+            return concat, index, piece, b - position
         position += size
     return None
+
+
+def _expand_guard(where: onnx.NodeProto, view: GraphView) -> bool:
+    """Where(Equal(t, -1...), 1..., t): an entry of t that is -1 becomes 1, the others stay (the
+    filled tensors constant, or computed from t's shape as TorchScript writes them)."""
+    equal = view.producer.get(where.input[0])
+    if equal is None or equal.op_type != "Equal" or where.input[2] not in equal.input:
+        return False
+    other = equal.input[1] if equal.input[0] == where.input[2] else equal.input[0]
+    return _filled(where.input[1], view) == 1 and _filled(other, view) == -1
+
+
+def _filled(name: str, view: GraphView, depth: int = 0) -> float | None:
+    """The one value every element of `name` holds, where the graph says so: a constant,
+    ConstantOfShape, or a product of such."""
+    value = view.constant(name)
+    if value is not None:
+        flat = np.unique(value)
+        return float(flat[0]) if flat.size == 1 else None
+    node = view.producer.get(name)
+    if node is None or depth > 4:
+        return None
+    if node.op_type == "ConstantOfShape":
+        fill = attribute(node, "value", None)
+        return 0.0 if fill is None else float(onnx.numpy_helper.to_array(fill).reshape(-1)[0])
+    if node.op_type == "Mul":
+        a, b = (_filled(n, view, depth + 1) for n in node.input)
+        return None if a is None or b is None else a * b
+    return None
+
+
+def size_read(found: tuple[onnx.NodeProto, int, str, int] | None, view: GraphView) -> tuple[str, int] | None:
+    """(tensor, axis) when a computed one-element piece is that tensor's size read at run time, or a
+    constant multiple of it: Gather(Shape(tensor), axis), possibly through Unsqueeze, Squeeze, Cast,
+    Identity and Mul by a constant (TorchScript exports write `x.shape[k]` and `heads * n_rep` so)."""
+    if found is None:
+        return None
+    node = view.producer.get(found[2])
+    while node is not None and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Mul"):
+        if node.op_type == "Mul":
+            computed = [n for n in node.input if view.constant(n) is None]
+            if len(computed) != 1:
+                return None
+            node = view.producer.get(computed[0])
+            continue
+        node = view.producer.get(node.input[0])
+    if node is None or node.op_type != "Gather" or attribute(node, "axis", 0) != 0:
+        return None
+    shape, index = view.producer.get(node.input[0]), view.constant(node.input[1])
+    if shape is None or shape.op_type != "Shape" or index is None or index.size != 1:
+        return None
+    start, k = attribute(shape, "start", 0), int(index.reshape(-1)[0])
+    if attribute(shape, "end", None) is not None or start < 0 or k < 0:
+        return None  # a negative index needs the rank; exporters write these forms rarely
+    return shape.input[0], start + k
 
 
 def _axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:

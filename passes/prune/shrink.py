@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from onnxopt.graph import GraphView
 
-from .groups import Group, target_entry
+from .groups import Group, target_piece
 
 
 def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
@@ -55,9 +55,11 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
         edited[name] = np.delete(value, sorted(indices), axis=axis)
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    done: set[tuple[int, str, int]] = set()  # a target Concat shared by Q, K and V's Reshapes shrinks once
-    for node, axis, fewer in target_edits.values():
-        _shrink_target(graph, view, node, axis, fewer, done)
+    done: dict = {}  # a target Concat shared by Q, K and V's Reshapes shrinks once
+    # where each target entry lives, found before any edit renames the constants holding them
+    pieces = [(target_piece(node, axis, view), fewer) for node, axis, fewer in target_edits.values()]
+    for piece, fewer in pieces:
+        _shrink_target(graph, view, piece, fewer, done)
     _forget_shapes(graph, view, set(edited) | changed_activations | {n.output[0] for n, _, _ in target_edits.values()})
     return len(edited)
 
@@ -78,17 +80,20 @@ def _forget_shapes(graph: onnx.GraphProto, view: GraphView, changed: set[str]) -
             vi.type.tensor_type.ClearField("shape")
 
 
-def _shrink_target(graph: onnx.GraphProto, view: GraphView, node: onnx.NodeProto, axis: int, fewer: int,
-                   done: set) -> None:
-    """A Reshape's target entry at `axis` made `fewer` smaller, in a copy of the constant that holds
-    it (targets are often shared, by other layers' Reshapes too). -1 and 0 need nothing."""
-    tensor, element, value = target_entry(node, axis, view)
-    holder = node if node.input[1] == tensor else view.producer[node.input[1]]  # the Reshape or its Concat
-    if value <= 0 or (id(holder), tensor, element) in done:
+def _shrink_target(graph: onnx.GraphProto, view: GraphView, piece: tuple, fewer: int, done: dict) -> None:
+    """A Reshape's (or Expand's) target entry (`piece`: groups.target_piece) made `fewer` smaller, in a
+    copy of the constant that holds it (targets are often shared, by other layers' Reshapes too; one constant may fill
+    several entries of a Concat). -1 and 0 (and an Expand's 1) need nothing. `done`: the copies made
+    so far, and which of their elements shrank, by (holder, input)."""
+    holder, index, tensor, element = piece  # the Reshape, Expand or Concat reading the tensor
+    if (id(holder), index) not in done:
+        done[(id(holder), index)] = (view.constant(tensor).copy(), set(), tensor)
+    copy, shrunk, original = done[(id(holder), index)]
+    value = int(copy.reshape(-1)[element])
+    if value <= 1 or element in shrunk:  # the same Concat entry, read by Q's, K's and V's Reshapes
         return
-    done.add((id(holder), tensor, element))
-    copy = view.constant(tensor).copy()
+    shrunk.add(element)
     copy.reshape(-1)[element] = value - fewer
-    name = f"{tensor}_pruned_{len(graph.initializer)}"
+    name = f"{original}_pruned_{len(graph.initializer)}"
     graph.initializer.append(numpy_helper.from_array(copy, name))
-    holder.input[:] = [name if n == tensor else n for n in holder.input]
+    holder.input[index] = name  # this input only
