@@ -87,6 +87,13 @@ def case(name: str) -> dict:
         return {"path": decoder.build(dynamo=name.endswith("dynamo")), "calib": decoder.calibration_npz(),
                 "eval": feeds, "rounds": (100, 30), "extra": [],
                 "accuracy": lambda outs: _next_byte(outs, feeds)}
+    if name == "decoder-past":  # one decoding step: the key/value cache in and out, one new byte
+        from models import decoder
+
+        feeds = decoder.decode_step_feeds(200, offset=decoder.EVAL_OFFSET)
+        return {"path": decoder.build_with_past(), "calib": decoder.decode_step_npz(), "eval": feeds,
+                "rounds": (300, 100), "extra": [],  # logits [N, 1, 128]: one prediction a step
+                "accuracy": lambda outs: _agreement({k: v.reshape(len(v), -1) for k, v in outs.items()})}
     if name == "digits":
         from models import digits
 

@@ -14,7 +14,10 @@ trained weights are cached in ``build/decoder_lm.pt``.
 ``build()`` writes ``build/decoder_lm.onnx`` (TorchScript exporter, opset 17) and
 ``build(dynamo=True)`` ``build/decoder_lm_dynamo.onnx`` (dynamo exporter, opset 18): inputs
 ``input_ids`` and ``attention_mask`` [batch, seq] int64, output ``logits`` [batch, seq, 128]; each
-checked against torch under ONNX Runtime.
+checked against torch under ONNX Runtime. ``build_with_past()`` writes ``build/decoder_lm_past.onnx``,
+the form generation runs (Optimum's ``decoder_with_past``): also ``past_key_values.{i}.key/value``
+[batch, 2, past, 32] in, ``present.{i}.key/value`` [batch, 2, past + seq, 32] out;
+``decode_step_feeds`` gives it real past keys and values, one new byte each.
 """
 from __future__ import annotations
 
@@ -129,6 +132,87 @@ def build(force: bool = False, dynamo: bool = False) -> Path:
     return dest
 
 
+PAST_PATH = BUILD_DIR / "decoder_lm_past.onnx"
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 32
+PAST_NAMES = [f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+PRESENT_NAMES = [f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+
+
+def _with_past_module(model):
+    import torch
+    from transformers import DynamicCache
+
+    class WithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache()
+            for layer in range(LAYERS):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return WithPast().eval()
+
+
+def build_with_past(force: bool = False) -> Path:
+    """The model with its key/value cache as inputs and outputs (TorchScript, opset 17)."""
+    import torch
+
+    if not force and is_fresh([PAST_PATH], _SOURCES) and WEIGHTS_PATH.exists():
+        return PAST_PATH
+    module = _with_past_module(_train())
+    ids, mask = torch.zeros((2, 1), dtype=torch.int64), torch.ones((2, 6), dtype=torch.int64)
+    past = [torch.zeros((2, KV_HEADS, 5, HEAD_DIM)) for _ in PAST_NAMES]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            OUTPUT_NAME: {0: "batch", 1: "seq"}}
+    axes |= {n: {0: "batch", 2: "past"} for n in PAST_NAMES} | {n: {0: "batch", 2: "total"} for n in PRESENT_NAMES}
+    with atomic_path(PAST_PATH) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (ids, mask, *past), tmp, dynamo=False, opset_version=17,
+                          input_names=[*INPUT_NAMES, *PAST_NAMES], output_names=[OUTPUT_NAME, *PRESENT_NAMES],
+                          dynamic_axes=axes)
+        feeds = decode_step_feeds(4, path=tmp)
+        import onnxruntime as ort
+
+        got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, feeds)
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(feeds[n]) for n in (*INPUT_NAMES, *PAST_NAMES)))
+        if any(not np.allclose(g, w.numpy(), atol=1e-4, rtol=1e-4) for g, w in zip(got, want)):
+            raise RuntimeError(f"{PAST_PATH.name}: the export differs from torch")
+    return PAST_PATH
+
+
+def decode_step_feeds(n: int, offset: int = 0, prefix: int = 24, path: Path | None = None) -> dict[str, np.ndarray]:
+    """Feeds of one decoding step for `n` corpus sentences (from `offset`): each sentence's first
+    `prefix` bytes run through the model with an empty cache give the past keys and values, and the
+    next byte is the new input."""
+    import onnxruntime as ort
+
+    from models import corpus
+
+    session = ort.InferenceSession(str(path or build_with_past()), providers=["CPUExecutionProvider"])
+    ids = encode(corpus.sentences(n, offset=offset), seq_len=prefix + 1)["input_ids"]
+    empty = np.zeros((n, KV_HEADS, 0, HEAD_DIM), np.float32)
+    prompt = {"input_ids": ids[:, :prefix], "attention_mask": np.ones((n, prefix), np.int64)}
+    present = session.run(PRESENT_NAMES, prompt | {name: empty for name in PAST_NAMES})
+    return {"input_ids": ids[:, prefix:], "attention_mask": np.ones((n, prefix + 1), np.int64),
+            **dict(zip(PAST_NAMES, present))}
+
+
+def decode_step_npz(n: int = 256) -> Path:
+    """`n` decoding steps (`decode_step_feeds` over the first corpus sentences) as an .npz of feeds."""
+    if n > EVAL_OFFSET:
+        raise ValueError(f"decode_step_npz({n}) would overlap the evaluation sentences (from {EVAL_OFFSET})")
+    dest = BUILD_DIR / f"decoder_steps_{n}.npz"
+    if not is_fresh([dest], _SOURCES):
+        save_npz(dest, **decode_step_feeds(n))
+    return dest
+
+
 def _verify(path: Path, module) -> None:
     """The export agrees with torch on padded sentences of another length than the export's."""
     import onnxruntime as ort
@@ -171,3 +255,4 @@ def next_byte_agreement(reference: np.ndarray, candidate: np.ndarray, mask: np.n
 if __name__ == "__main__":
     for kind in (False, True):
         print(build(force="--force" in sys.argv, dynamo=kind))
+    print(build_with_past(force="--force" in sys.argv))

@@ -488,6 +488,8 @@ class _Finder:
             return self._reshape_back(node, slot, width, source, result)
         a = slot.axis
         for b in range(len(result) + 1):
+            if b < len(result) and result[b] == 1:
+                continue  # an axis of size 1 holds no group (dims of 1 make the products below ambiguous)
             if list(result[:b]) != list(source[:a]) and not _same_product(result[:b], source[:a]):
                 continue
             rest_in, rest_out = source[a + 1:], result[b + 1:] if b < len(result) else ()
@@ -530,6 +532,8 @@ class _Finder:
     def _reshape_back(self, node, slot: Slot, width: Fraction, source, result) -> list:
         b = slot.axis
         for a in range(len(source)):
+            if source[a] == 1:
+                continue  # an axis of size 1 holds no group: [2, 1, 4, 32] -> [2, 1, 128] merges axis 2, not 1
             if not (list(source[:a]) == list(result[:b]) or _same_product(source[:a], result[:b])):
                 continue
             d = result[b]
