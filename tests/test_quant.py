@@ -204,6 +204,30 @@ def test_float_model_is_kept_when_int8_is_slower_anywhere(digits_model, tmp_path
         assert model.SerializeToString() == onnx.load(digits_model).SerializeToString()
 
 
+@pytest.mark.parametrize("spec", ["quant", "quant:dynamic_if_slower=false"])
+def test_dynamic_int8_is_kept_where_static_int8_does_not_pay_and_dynamic_does(tmp_path, monkeypatch, spec):
+    from onnxopt import guard
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    checks = []
+
+    def static_slower_dynamic_faster(*args, **kwargs):
+        checks.append(len(checks))
+        speedup = 0.9 if len(checks) == 1 else 1.2
+        return [guard.SpeedCheck(t, b, speedup, 1.0) for t, b in [(1, 1), (1, 8), (2, 1), (2, 8)]]
+
+    monkeypatch.setattr(guard, "speed_check", static_slower_dynamic_faster)
+    model, report = onnxopt.optimize(conv_net(), spec, calib="random", compare=False)  # a Conv, and a MatMul
+    quant, ops = report.passes[-1], {n.op_type for n in model.graph.node}
+    assert "QuantizeLinear" not in ops
+    if spec == "quant":
+        assert quant["details"]["mode"] == "dynamic (static int8 slower)" and len(checks) == 2
+        assert "DynamicQuantizeMatMul" in ops
+        assert any("static int8 does not pay" in n and "dynamic int8 does, kept" in n for n in quant["notes"])
+    else:
+        assert not quant["changed"] and len(checks) == 1
+
+
 def test_dynamic_mode_needs_no_calibration(digits_model):
     model, report = onnxopt.optimize(str(digits_model), "quant:mode=dynamic", compare=False)
     assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)

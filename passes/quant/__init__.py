@@ -72,6 +72,9 @@ class QuantOptions:
     keep_if_slower: bool = option(True, "time int8 against the float input (batch 1 and 8, 1 and 2 threads; batch 8 "
                                         "is skipped when batch 1 is 1.15x faster) and keep the float model if int8 "
                                         "is slower in any of them")
+    dynamic_if_slower: bool = option(True, "where static int8 is slower than float (small layers, one token a "
+                                           "call), time dynamic int8 too and keep it where that is faster (not "
+                                           "with auto)")
 
     def __post_init__(self):
         if not 0 <= self.smooth < 1:
@@ -275,6 +278,10 @@ class Quantize(Pass):
             details["speed_check"] = verdict.records()
             details["speed_check_seconds"] = time.perf_counter() - started
             if verdict.slower:
+                dynamic = self._dynamic_instead(model, data, ctx, notes, verdict) \
+                    if self.options.dynamic_if_slower and not self.options.auto else None
+                if dynamic is not None:
+                    return dynamic
                 notes.append(f"int8 does not pay on this model ({verdict.slower}); kept the float model. "
                              "Set quant:keep_if_slower=false to keep int8 anyway")
                 return PassResult(model, changed=False, skipped=result.skipped, notes=notes,
@@ -291,6 +298,26 @@ class Quantize(Pass):
             tables.append(error_table(errors, "quantized activations with the worst error (SQNR on calibration data)"))
         return PassResult(result.model, changed=True, counts=result.counts, skipped=result.skipped, notes=notes,
                           details=details, tables=tables)
+
+    def _dynamic_instead(self, model, data, ctx: PassContext, notes: list[str], static) -> PassResult | None:
+        """Dynamic int8 where static does not pay, if it does: with small layers or one token a call (a
+        decoder's decoding step), static QDQ's Quantize/DequantizeLinear steps cost more than its int8
+        MatMuls save, while dynamic int8 quantizes only the MatMuls' inputs, inside their kernels."""
+        result = self._dynamic(copy_model(model), ctx, [])
+        if not result.changed:
+            return None
+        verdict = ctx.guard.check_on_data(model, result.model, data)
+        if verdict.slower:
+            notes.append(f"dynamic int8 does not pay either ({verdict.slower})")
+            return None
+        notes.append(f"static int8 does not pay on this model ({static.slower}); dynamic int8 does, kept "
+                     "(quant:mode=static,keep_if_slower=false keeps static int8 anyway)")
+        notes.extend(result.notes)
+        details = {"mode": "dynamic (static int8 slower)", "static_speed_check": static.records(),
+                   "speed_check": verdict.records()}
+        return PassResult(result.model, changed=True, counts=result.counts, notes=notes, details=details,
+                          tables=[static.table("speed guard: static int8 against float"),
+                                  verdict.table("speed guard: dynamic int8 against float")])
 
     def _keep_sensitive_float(self, quantize, model, result: StaticResult, data, score, notes: list[str],
                               details: dict, progress) -> StaticResult:
