@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxopt import Pass, PassContext, PassResult, option
-from onnxopt.graph import NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_dims, infer_value_info
+from onnxopt.graph import NameGenerator, NONDETERMINISTIC_OPS, GraphView, has_subgraph, infer_dims, infer_value_info
 from onnxopt.surgery import add_initializer, constants_to_initializers, remove_nodes, remove_unused_initializers
 
 from . import cleanup
@@ -160,7 +160,8 @@ def reshape_copies_of_input_dims(model: onnx.ModelProto) -> int:
     same symbolic name, e.g. "batch").
     """
     view = GraphView(model.graph, model.ir_version)
-    dims = None
+    dims, names = None, None
+    made: dict[tuple[str, tuple[int, ...]], str] = {}  # Reshapes sharing a target (Q, K and V's) share its copy
     rewritten = 0
     for node in model.graph.node:
         if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
@@ -171,9 +172,12 @@ def reshape_copies_of_input_dims(model: onnx.ModelProto) -> int:
         target = _copied_dims(node.input[0], node.input[1], view, dims)
         if target is None:
             continue
-        name = node.input[1] + "_static"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
-        node.input[1] = name
+        key = (node.input[1], tuple(target))
+        if key not in made:
+            names = names or NameGenerator(model.graph)
+            made[key] = names(node.input[1] + "_static")
+            model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), made[key]))
+        node.input[1] = made[key]
         rewritten += 1
     return rewritten
 
