@@ -81,3 +81,30 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
                 moved.append(node)
     remove_nodes(graph, moved)
     return len(moved)
+
+
+def unshare_vectors(graph: onnx.GraphProto) -> int:
+    """Gives each reader of a shared vector initializer (one axis longer than 1: a bias, a norm's
+    scale) its own copy; returns how many copies were made. `fold` merges equal initializers, and
+    equal vectors are common where nothing set them apart (zero biases, unit LayerNorm scales of a
+    freshly initialized or never-trained layer): shared, they would tie channels that have nothing
+    to do with each other. Matrices stay shared: a tie between two of them is real (tied embeddings)."""
+    from .graph import NameGenerator
+
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    names, copies = None, 0
+    for tensor in list(graph.initializer):
+        shared = readers.get(tensor.name, [])
+        if len(shared) < 2 or sum(d > 1 for d in tensor.dims) != 1:
+            continue
+        names = names or NameGenerator(graph)
+        for node in shared[1:]:
+            copy = graph.initializer.add()
+            copy.CopyFrom(tensor)
+            copy.name = names(tensor.name)
+            node.input[:] = [copy.name if n == tensor.name else n for n in node.input]
+            copies += 1
+    return copies

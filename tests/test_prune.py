@@ -412,3 +412,44 @@ def test_the_kept_weights_are_refit_to_carry_what_the_zeroed_ones_computed():
             assert np.mean(pruned == 0) >= 0.5
             errors[structure, recover] = float(np.linalg.norm(x @ pruned - want) / np.linalg.norm(want))
         assert errors[structure, "true"] < 0.2 * errors[structure, "false"], errors
+
+
+def two_branches_sharing_targets() -> onnx.ModelProto:
+    """x [N, 8] -> two projections to 2 heads of 4, each reshaped to [N, 2, 4] by one shared target
+    Concat(batch read from x, 2, 4) and back to [N, 8] by another shared Concat, then its own output
+    projection. The two projections also share one zero bias (fold merges equal initializers so)."""
+    w = {name: (RNG.standard_normal((8, 8)) / 3).astype(np.float32) for name in ("p1", "p2", "o1", "o2")}
+    inits = [numpy_helper.from_array(v, f"{k}.w") for k, v in w.items()] + [
+        numpy_helper.from_array(np.zeros(8, np.float32), "zero"),
+        numpy_helper.from_array(np.array([0], np.int64), "i0"),
+        numpy_helper.from_array(np.array([2, 4], np.int64), "heads"),
+        numpy_helper.from_array(np.array([8], np.int64), "width")]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "i0"], ["batch"]),
+             helper.make_node("Concat", ["batch", "heads"], ["split_to"], axis=0),
+             helper.make_node("Concat", ["batch", "width"], ["merge_to"], axis=0)]
+    for k in ("1", "2"):
+        nodes += [helper.make_node("MatMul", ["x", f"p{k}.w"], [f"p{k}"]),
+                  helper.make_node("Add", [f"p{k}", "zero"], [f"b{k}"]),
+                  helper.make_node("Reshape", [f"b{k}", "split_to"], [f"h{k}"]),
+                  helper.make_node("Relu", [f"h{k}"], [f"r{k}"]),
+                  helper.make_node("Reshape", [f"r{k}", "merge_to"], [f"m{k}"]),
+                  helper.make_node("MatMul", [f"m{k}", f"o{k}.w"], [f"y{k}"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, ["N", 8]) for k in "12"],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_groups_sharing_a_bias_and_reshape_targets_prune_apart():
+    """Each branch's heads are their own group though the branches share a zero bias and both
+    Reshape targets; pruning one head of branch 1 only must leave branch 2 exactly as it was."""
+    model = two_branches_sharing_targets()
+    feeds = {"x": RNG.standard_normal((3, 8)).astype(np.float32)}
+    pruned, report = onnxopt.optimize(model, "prune:structure=heads,ratio=0.5,keep_if_slower=false,exclude=p2",
+                                      calib={"x": RNG.standard_normal((64, 8)).astype(np.float32)}, compare=False)
+    assert report.passes[0]["counts"] == {"groups pruned": 1, "units removed": 1, "groups blocked": 2}  # o1, o2: outputs
+    before, after = ort_run(model, feeds), ort_run(pruned, feeds)
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-6)  # branch 2 untouched
+    assert after[0].shape == (3, 8) and not np.allclose(after[0], before[0])
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["p1.w"] == (8, 4) and shapes["p2.w"] == (8, 8) and shapes["o1.w"] == (4, 8)

@@ -24,7 +24,7 @@ from onnxopt import OnnxoptError, Pass, PassContext, PassResult, Table, budget, 
 from onnxopt.graph import GraphView, nested_layers_note
 from onnxopt.layer_inputs import collect
 from onnxopt.manager import copy_model
-from onnxopt.surgery import constants_to_initializers
+from onnxopt.surgery import constants_to_initializers, unshare_vectors
 
 from . import importance as importance_
 from .groups import Group, find_groups, shape_probes
@@ -107,6 +107,7 @@ class Prune(Pass):
                                "importance=magnitude and allocation=uniform")
         notes = nested_layers_note(model, {"Conv", "Gemm", "MatMul"}, "prune")
         constants_to_initializers(model.graph)
+        unshare_vectors(model.graph)  # equal biases fold merged must not tie unrelated channels
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
         groups, blocked = find_groups(model, self._shapes(model, ctx, batches))
         groups = [g for g in groups if self._wanted(g)]

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt.graph import GraphView
+from onnxopt.graph import GraphView, NameGenerator
 
 from .groups import Group, target_piece
 
@@ -32,19 +32,19 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
 
     view = GraphView(graph, model.ir_version)
     deletions: dict[tuple[str, int], set[int]] = defaultdict(set)
-    target_edits: dict[tuple[int, int], tuple[onnx.NodeProto, int, int]] = {}  # (Reshape, axis) -> how much smaller
+    target_edits: dict[tuple[int, int], list] = {}  # (Reshape or Expand, axis) -> [node, axis, how much smaller]
     changed_activations: set[str] = set()
     for group, units in removals:
         if not units:
             continue
+        reshapes = {(id(here(t.node)), t.axis): t for t in group.reshapes}  # one edit a target per group
         for member in group.members:
             if view.constant(member.slot.tensor) is not None:
                 deletions[(member.slot.tensor, member.slot.axis)].update(member.indices(units).tolist())
             else:
                 changed_activations.add(member.slot.tensor)
-        for target in group.reshapes:
-            node = here(target.node)
-            target_edits[(id(node), target.axis)] = (node, target.axis, len(units) * target.width)
+        for key, target in reshapes.items():  # the groups of a Concat's inputs all shrink the target after it
+            target_edits.setdefault(key, [here(target.node), target.axis, 0])[2] += len(units) * target.width
         for node in group.depthwise:  # one group a channel: as many groups as channels are left
             attr = next(a for a in here(node).attribute if a.name == "group")
             attr.i -= len(units)
@@ -56,12 +56,43 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     done: dict = {}  # a target Concat shared by Q, K and V's Reshapes shrinks once
-    # where each target entry lives, found before any edit renames the constants holding them
-    pieces = [(target_piece(node, axis, view), fewer) for node, axis, fewer in target_edits.values()]
-    for piece, fewer in pieces:
+    for piece, fewer in _target_pieces(graph, view, list(target_edits.values())):
         _shrink_target(graph, view, piece, fewer, done)
     _forget_shapes(graph, view, set(edited) | changed_activations | {n.output[0] for n, _, _ in target_edits.values()})
     return len(edited)
+
+
+def _target_pieces(graph: onnx.GraphProto, view: GraphView, edits: list) -> list[tuple[tuple, int]]:
+    """Where each edited target entry lives (found before any edit renames the constants holding it),
+    with how much it shrinks. A Reshape whose target Concat other nodes read too (fold merges equal
+    Concats, and Q, K and V may share one) gets its own copy of it: the others may be in groups that
+    shrink by other amounts, or not at all."""
+    pieces, amounts = [], {}
+    for node, axis, fewer in edits:
+        piece = target_piece(node, axis, view)
+        holder = piece[0]
+        if holder.op_type == "Concat" and node.input[1] == holder.output[0] and \
+                len(view.consumers.get(holder.output[0], [])) > 1:
+            piece = _own_concat(graph, node, piece)
+        entry = (id(piece[0]), piece[1], piece[3])
+        if amounts.setdefault(entry, fewer) != fewer:  # shared behind TorchScript's expand guard
+            raise ValueError(f"{node.name or node.output[0]}: its target is shared with a group that shrinks "
+                             "differently")
+        pieces.append((piece, fewer))
+    return pieces
+
+
+def _own_concat(graph: onnx.GraphProto, node: onnx.NodeProto, piece: tuple) -> tuple:
+    """`node` reading a copy of its target Concat, placed right after the original."""
+    concat = piece[0]
+    clone = onnx.NodeProto()
+    clone.CopyFrom(concat)
+    clone.output[0] = NameGenerator(graph)(concat.output[0] + "_own")
+    clone.name = clone.output[0]
+    position = next(i for i, n in enumerate(graph.node) if n is concat or n == concat)
+    graph.node.insert(position + 1, clone)
+    node.input[1] = clone.output[0]
+    return (graph.node[position + 1], *piece[1:])  # the graph holds a copy of `clone`
 
 
 def _forget_shapes(graph: onnx.GraphProto, view: GraphView, changed: set[str]) -> None:
