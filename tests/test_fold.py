@@ -223,6 +223,37 @@ def test_reshape_copying_dynamic_dims_gets_a_constant_shape():
         assert_same_outputs(model, result.model, {"x": np.random.rand(*shape).astype(np.float32)})
 
 
+def test_reshapes_sharing_a_target_share_its_constant_copy():
+    """Q, K and V's Reshapes read one target Concat (a ViT's TorchScript export): the static copy is
+    made once, under a name nothing else has (once per Reshape, the checker refused the model)."""
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, S, 8] x) => (float[B, S, 2, 4] q, float[B, S, 2, 4] k, float[B, S, 2, 4] v) {
+        s = Shape(x)
+        i0 = Constant<value = int64 {0}>()
+        i1 = Constant<value = int64 {1}>()
+        ax = Constant<value = int64[1] {0}>()
+        b = Gather(s, i0)
+        n = Gather(s, i1)
+        bu = Unsqueeze(b, ax)
+        nu = Unsqueeze(n, ax)
+        rest = Constant<value = int64[2] {2, 4}>()
+        shape = Concat<axis = 0>(bu, nu, rest)
+        shape_static = Identity(rest)
+        xk = Neg(x)
+        xv = Abs(x)
+        q = Reshape(x, shape)
+        k = Reshape(xk, shape)
+        v = Reshape(xv, shape)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    onnx.checker.check_model(result.model, full_check=True)
+    targets = {n.input[1] for n in result.model.graph.node if n.op_type == "Reshape"}
+    assert len(targets) == 1 and targets != {"shape_static"}
+    assert_same_outputs(model, result.model, {"x": np.random.rand(3, 5, 8).astype(np.float32)})
+
+
 def test_static_dim_gathered_from_a_dynamic_shape_is_folded():
     model = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
