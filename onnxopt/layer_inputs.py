@@ -55,6 +55,8 @@ def collect(model: onnx.ModelProto, layers: dict[str, onnx.NodeProto], batches, 
         elif (value := view.constant(layer.input[1])) is None:
             continue
         elif layer.op_type == "Conv":
+            if not _windows_known(layer, value):
+                continue  # no statistics: a pass leaves the layer's refit out
             channels, kernel = value.shape[1], int(np.prod(value.shape[2:]))
         elif layer.op_type == "Gemm" and attribute(layer, "transB", 0):
             channels, kernel = value.shape[1], 1
@@ -76,17 +78,31 @@ def collect(model: onnx.ModelProto, layers: dict[str, onnx.NodeProto], batches, 
     return stats
 
 
+def _windows_known(conv: onnx.NodeProto, weight: np.ndarray) -> bool:
+    """Whether `features` can cut this Conv's input into its windows: 1-D or 2-D, with kernel_shape
+    and explicit (or no) pads."""
+    return weight.ndim in (3, 4) and attribute(conv, "kernel_shape", None) is not None and \
+        attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+
+
 def features(layer: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
     """The layer's input as rows of features: [positions, channels * kernel]."""
     if layer.op_type != "Conv":
         return x.reshape(-1, x.shape[-1]) if layer.op_type in ("MatMul", "MatMulNBits") else x.reshape(x.shape[0], -1)
     kernel = attribute(layer, "kernel_shape", None)
-    strides = attribute(layer, "strides", [1, 1])
-    dilations = attribute(layer, "dilations", [1, 1])
     auto_pad = attribute(layer, "auto_pad", b"NOTSET")
-    pads = [0, 0, 0, 0] if auto_pad in (b"VALID", "VALID") else attribute(layer, "pads", [0, 0, 0, 0])
+    if x.ndim == 3 and kernel is not None and len(kernel) == 1:  # a 1-D Conv (audio front ends) as 2-D, height 1
+        x, kernel = x[:, :, None, :], [1, kernel[0]]
+        strides = [1, *attribute(layer, "strides", [1])]
+        dilations = [1, *attribute(layer, "dilations", [1])]
+        begin, end = attribute(layer, "pads", [0, 0])
+        pads = [0, 0, 0, 0] if auto_pad in (b"VALID", "VALID") else [0, begin, 0, end]
+    else:
+        strides = attribute(layer, "strides", [1, 1])
+        dilations = attribute(layer, "dilations", [1, 1])
+        pads = [0, 0, 0, 0] if auto_pad in (b"VALID", "VALID") else attribute(layer, "pads", [0, 0, 0, 0])
     if x.ndim != 4 or kernel is None or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ValueError("only 2-D Convs with kernel_shape and explicit pads are refit")
+        raise ValueError("only 1-D and 2-D Convs with kernel_shape and explicit pads are refit")
     kh, kw = kernel
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span_h, span_w = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1

@@ -453,3 +453,80 @@ def test_groups_sharing_a_bias_and_reshape_targets_prune_apart():
     assert after[0].shape == (3, 8) and not np.allclose(after[0], before[0])
     shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     assert shapes["p1.w"] == (8, 4) and shapes["p2.w"] == (8, 8) and shapes["o1.w"] == (4, 8)
+
+
+def conv1d_net() -> onnx.ModelProto:
+    """An audio front end: x [N, 4, 16] -> Conv1d(4 -> 8, k 3, pad 1) -> Relu -> Conv1d(8 -> 6, k 3,
+    stride 2, pad 1), as Whisper's encoder starts."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((8, 4, 3)) / 3).astype(np.float32), "c1.w"),
+             numpy_helper.from_array((0.1 * RNG.standard_normal(8)).astype(np.float32), "c1.b"),
+             numpy_helper.from_array((RNG.standard_normal((6, 8, 3)) / 5).astype(np.float32), "c2.w"),
+             numpy_helper.from_array((0.1 * RNG.standard_normal(6)).astype(np.float32), "c2.b")]
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], kernel_shape=[3], pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["y"], kernel_shape=[3], pads=[1, 1], strides=[2])]
+    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_one_dimensional_convs_prune_and_refit():
+    """Dead channels of a Conv1d go without a trace; live ones are refit on the next Conv1d's windows
+    (the refit cut 1-D inputs into windows only since Whisper's encoder failed the pass)."""
+    model = conv1d_net()
+    calib = {"x": RNG.standard_normal((64, 4, 16)).astype(np.float32)}
+    feeds = {"x": RNG.standard_normal((5, 4, 16)).astype(np.float32)}
+    dead = kill(model, group_of(model, "c1.w"), [1, 4, 5, 6], bias=-1.0)  # Relu(-1) = 0: they carry nothing
+    spec = "prune:ratio=0.5,importance=magnitude,recover=false,keep_if_slower=false,round_to=1"
+    pruned, _ = onnxopt.optimize(dead, spec, calib=calib, compare=False)
+    assert [tuple(t.dims) for t in pruned.graph.initializer if t.name == "c2.w"] == [(6, 4, 3)]
+    np.testing.assert_allclose(ort_run(pruned, feeds)[0], ort_run(dead, feeds)[0], rtol=1e-5, atol=1e-5)
+    refit, report = onnxopt.optimize(model, "prune:ratio=0.5,keep_if_slower=false,round_to=1", calib=calib,
+                                     compare=False)
+    assert report.passes[0]["details"]["recovered"]
+    plain, _ = onnxopt.optimize(model, "prune:ratio=0.5,keep_if_slower=false,round_to=1,recover=false",
+                                calib=calib, compare=False)
+    want = ort_run(model, feeds)[0]
+    assert np.linalg.norm(ort_run(refit, feeds)[0] - want) < np.linalg.norm(ort_run(plain, feeds)[0] - want)
+
+
+def relative_bias_attention() -> onnx.ModelProto:
+    """One T5-style attention layer: x [N, 4, 8], 2 heads of 4, and a relative position bias looked up
+    per head in a [buckets, heads] table (Gather, Transpose, Unsqueeze) added to the scores."""
+    w = {k: (RNG.standard_normal((8, 8)) / 3).astype(np.float32) for k in ("q", "k", "v", "o")}
+    inits = [numpy_helper.from_array(v, f"{k}.w") for k, v in w.items()] + [
+        numpy_helper.from_array(RNG.standard_normal((6, 2)).astype(np.float32), "table"),
+        numpy_helper.from_array(RNG.integers(0, 6, (4, 4)).astype(np.int64), "buckets"),
+        numpy_helper.from_array(np.array([0, 4, 2, 4], np.int64), "split"),
+        numpy_helper.from_array(np.array([0, 4, 8], np.int64), "merge"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [helper.make_node("Gather", ["table", "buckets"], ["picked"]),  # [4, 4, heads]
+             helper.make_node("Transpose", ["picked"], ["per_head"], perm=[2, 0, 1]),
+             helper.make_node("Unsqueeze", ["per_head", "axis0"], ["bias"])]
+    for k in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"{k}.w"], [f"{k}p"]),
+                  helper.make_node("Reshape", [f"{k}p", "split"], [f"{k}s"]),
+                  helper.make_node("Transpose", [f"{k}s"], [f"{k}h"], perm=[0, 2, 3, 1] if k == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMul", ["qh", "kh"], ["scores"]), helper.make_node("Add", ["scores", "bias"], ["biased"]),
+              helper.make_node("Softmax", ["biased"], ["attn"], axis=-1), helper.make_node("MatMul", ["attn", "vh"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge"], ["merged"]), helper.make_node("MatMul", ["merged", "o.w"], ["y"])]
+    graph = helper.make_graph(nodes, "t5", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_heads_with_a_relative_position_bias_table_prune_its_columns():
+    model = relative_bias_attention()
+    dead = onnx.ModelProto.FromString(model.SerializeToString())
+    w_o = next(t for t in dead.graph.initializer if t.name == "o.w")
+    rows = numpy_helper.to_array(w_o).copy()
+    rows[:4] = 0  # head 0 contributes nothing
+    w_o.CopyFrom(numpy_helper.from_array(rows, "o.w"))
+    calib = {"x": RNG.standard_normal((32, 4, 8)).astype(np.float32)}
+    feeds = {"x": RNG.standard_normal((3, 4, 8)).astype(np.float32)}
+    spec = "prune:structure=heads,ratio=0.5,recover=false,keep_if_slower=false"
+    pruned, report = onnxopt.optimize(dead, spec, calib=calib, compare=False)
+    assert report.passes[0]["counts"]["units removed"] == 1
+    assert {t.name: tuple(t.dims) for t in pruned.graph.initializer}["table"] == (6, 1)  # head 0's column gone
+    np.testing.assert_allclose(ort_run(pruned, feeds)[0], ort_run(dead, feeds)[0], rtol=1e-5, atol=1e-5)

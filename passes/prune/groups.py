@@ -280,6 +280,8 @@ class _Finder:
             return self._expand(node, slot, width, is_output, reshapes)
         if op == "Slice":
             return self._slice(node, slot, position, same)
+        if op == "Gather":
+            return self._gather(node, slot, width, is_output)
         if op in ("Squeeze", "Unsqueeze"):
             return self._squeeze(node, slot, width, is_output)
         if op == "Concat":
@@ -321,6 +323,26 @@ class _Finder:
         if slot.axis in {int(a) % rank for a in np.atleast_1d(axes)}:
             raise Blocked("Slice cuts that axis")
         return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+
+    def _gather(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
+        """Gather(data, indices) along axis a: the output's axes are data's before a, then the indices',
+        then data's after a. An axis of data other than a passes through (T5 looks up each head's
+        relative position bias in a [buckets, heads] table); the gathered axis and the indices' axes
+        hold rows, not channels."""
+        data, indices, out = node.input[0], node.input[1], node.output[0]
+        rank = self._rank(data)
+        axis = attribute(node, "axis", 0) % rank
+        added = self._rank(indices) - 1  # the output has this many more axes than data
+        if slot.tensor == indices:
+            raise Blocked("it reaches a Gather's indices")
+        if is_output:
+            data_axis = slot.axis if slot.axis < axis else slot.axis - added if slot.axis > axis + added else None
+        else:
+            data_axis = slot.axis if slot.axis != axis else None
+        if data_axis is None or data_axis == axis:
+            raise Blocked("Gather picks along that axis")
+        out_axis = data_axis if data_axis < axis else data_axis + added
+        return [(Slot(data, data_axis, slot.lo, slot.hi), width), (Slot(out, out_axis, slot.lo, slot.hi), width)]
 
     def _expand(self, node, slot: Slot, width: Fraction, is_output: bool, reshapes) -> list:
         """Expand broadcasts its input to a target shape; an axis on which the input holds the channels

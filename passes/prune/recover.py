@@ -54,8 +54,7 @@ def refit(st: LayerInputStats, weight: np.ndarray, bias: np.ndarray | None,
 def _as_layout(layer, original: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """[kept features, outputs] back to the layer's weight layout."""
     if layer.op_type == "Conv":
-        out_channels, kh, kw = original.shape[0], original.shape[2], original.shape[3]
-        return matrix.T.reshape(out_channels, -1, kh, kw)
+        return matrix.T.reshape(original.shape[0], -1, *original.shape[2:])  # [O, C, kernel...]
     if layer.op_type == "Gemm" and attribute(layer, "transB", 0):
         return matrix.T
     return matrix
