@@ -1,0 +1,66 @@
+"""Every pass on untrained T5 and Whisper encoders and a ConvNeXt (models/zoo.py): the graph shapes of
+those families as TorchScript exports them. Untrained, their outputs say little about accuracy, so
+these check what each pass finds and that the result stays valid and runs; `fold,fuse` is exact,
+and so is the torch interpreter distill trains with."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ort_run
+
+import onnxopt
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("transformers")
+
+PIPELINES = ["fold,fuse,quant:keep_if_slower=false", "fold,fuse,prune:ratio=0.5,keep_if_slower=false",
+             "fold,fuse,prune:structure=heads,ratio=0.5,keep_if_slower=false",
+             "fold,fuse,lowrank:ratio=0.5,keep_if_slower=false", "fold,fuse,prune:structure=2:4"]
+# (model, structure) -> groups the prune pass must find and prune at ratio 0.5
+GROUPS = {("t5_encoder", "channels"): 2,  # the FFNs
+          ("t5_encoder", "heads"): 1,  # the position bias, shared by both layers, ties their heads
+          ("whisper_encoder", "channels"): 3,  # the first Conv1d's channels and the FFNs
+          ("whisper_encoder", "heads"): 2,
+          ("convnext", "channels"): 2}  # the channels-last MLPs
+
+
+@pytest.fixture(scope="module", params=["t5_encoder", "whisper_encoder", "convnext"])
+def zoo_model(request):
+    from models import zoo
+
+    return request.param, zoo.build(request.param)
+
+
+def test_fold_fuse_is_exact(zoo_model):
+    from models import zoo
+
+    name, path = zoo_model
+    model, _ = onnxopt.optimize(str(path), "fold,fuse", compare=False)
+    held = zoo.feeds(name, 4, seed=3)
+    want = ort_run(onnx.load(str(path)), held)[0]
+    np.testing.assert_allclose(ort_run(model, held)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_each_pipeline_keeps_the_model_valid(zoo_model, pipeline):
+    from models import zoo
+
+    name, path = zoo_model
+    model, report = onnxopt.optimize(str(path), pipeline, calib=zoo.feeds(name, 64), compare=False)
+    onnx.checker.check_model(model)
+    held = zoo.feeds(name, 4, seed=3)
+    before, after = ort_run(onnx.load(str(path)), held)[0], ort_run(model, held)[0]
+    assert after.shape == before.shape and np.all(np.isfinite(after))
+    structure = "heads" if "heads" in pipeline else "channels" if "prune:ratio" in pipeline else None
+    if structure:
+        assert report.passes[-1]["counts"].get("groups pruned", 0) == GROUPS.get((name, structure), 0)
+
+
+def test_the_model_runs_in_torch_as_in_onnx_runtime(zoo_model):
+    pytest.importorskip("torch")
+    from models import zoo
+    from test_distill import assert_matches_ort
+
+    name, path = zoo_model
+    assert_matches_ort(onnx.load(str(path)), zoo.feeds(name, 4, seed=3))
