@@ -84,7 +84,7 @@ def constants_to_initializers(graph: onnx.GraphProto) -> int:
 
 
 def unshare_vectors(graph: onnx.GraphProto) -> int:
-    """Gives each reader of a shared vector initializer (one axis longer than 1: a bias, a norm's
+    """Gives each reader of a shared float vector initializer (one axis longer than 1: a bias, a norm's
     scale) its own copy; returns how many copies were made. `fold` merges equal initializers, and
     equal vectors are common where nothing set them apart (zero biases, unit LayerNorm scales of a
     freshly initialized or never-trained layer): shared, they would tie channels that have nothing
@@ -98,7 +98,9 @@ def unshare_vectors(graph: onnx.GraphProto) -> int:
     names, copies = None, 0
     for tensor in list(graph.initializer):
         shared = readers.get(tensor.name, [])
-        if len(shared) < 2 or sum(d > 1 for d in tensor.dims) != 1:
+        floating = tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                                        onnx.TensorProto.DOUBLE)
+        if len(shared) < 2 or sum(d > 1 for d in tensor.dims) != 1 or not floating:
             continue
         names = names or NameGenerator(graph)
         for node in shared[1:]:

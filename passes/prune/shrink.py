@@ -55,7 +55,7 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
         edited[name] = np.delete(value, sorted(indices), axis=axis)
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    done: dict = {}  # a target Concat shared by Q, K and V's Reshapes shrinks once
+    done: dict = {}  # the copies made so far: an entry two edits reach (through an expand guard) shrinks once
     for piece, fewer in _target_pieces(graph, view, list(target_edits.values())):
         _shrink_target(graph, view, piece, fewer, done)
     _forget_shapes(graph, view, set(edited) | changed_activations | {n.output[0] for n, _, _ in target_edits.values()})
@@ -113,15 +113,15 @@ def _forget_shapes(graph: onnx.GraphProto, view: GraphView, changed: set[str]) -
 
 def _shrink_target(graph: onnx.GraphProto, view: GraphView, piece: tuple, fewer: int, done: dict) -> None:
     """A Reshape's (or Expand's) target entry (`piece`: groups.target_piece) made `fewer` smaller, in a
-    copy of the constant that holds it (targets are often shared, by other layers' Reshapes too; one constant may fill
-    several entries of a Concat). -1 and 0 (and an Expand's 1) need nothing. `done`: the copies made
-    so far, and which of their elements shrank, by (holder, input)."""
+    copy of the constant that holds it (constants are shared, by other layers' Reshapes too, and one may
+    fill several entries of a Concat). -1 and 0 (and an Expand's 1) need nothing. `done`: the copies
+    made so far, and which of their elements shrank, by (holder, input)."""
     holder, index, tensor, element = piece  # the Reshape, Expand or Concat reading the tensor
     if (id(holder), index) not in done:
         done[(id(holder), index)] = (view.constant(tensor).copy(), set(), tensor)
     copy, shrunk, original = done[(id(holder), index)]
     value = int(copy.reshape(-1)[element])
-    if value <= 1 or element in shrunk:  # the same Concat entry, read by Q's, K's and V's Reshapes
+    if value <= 1 or element in shrunk:
         return
     shrunk.add(element)
     copy.reshape(-1)[element] = value - fewer
