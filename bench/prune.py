@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _machine import describe  # noqa: E402
-from quant import NOISE_ROW, _agreement, _embedding_accuracy, _top1, evaluate, measure  # noqa: E402
+from quant import NOISE_ROW, _agreement, _embedding_accuracy, _next_byte, _top1, evaluate, measure  # noqa: E402
 
 FUSED, SIMPLIFIED = "fp32 ORT-fused", "fp32 onnxsim-simplified"
 
@@ -120,6 +120,22 @@ def case(name: str, quick: bool) -> dict:
         return {"path": minilm.build(), "calib": minilm.calibration_npz(1000), "small_calib": minilm.calibration_npz(160),
                 "eval": feeds, "rounds": (30, 10), "candidates": candidates,
                 "accuracy": lambda outs: _embedding_accuracy(outs, feeds)}
+    if name == "decoder":  # the Llama-style byte LM: SwiGLU FFN, heads as key/value groups (2 a layer)
+        from models import decoder
+
+        feeds = decoder.evaluation_feeds(200)
+        candidates = {
+            "onnxopt FFN 50%": ("onnxopt:fold,fuse,prune:ratio=0.5", "plain"),
+            "onnxopt heads 50%": ("onnxopt:fold,fuse,prune:structure=heads,ratio=0.5", "plain"),
+            "onnxopt unstructured 50%": ("onnxopt:fold,fuse,prune:structure=unstructured,ratio=0.5", "plain"),
+            "onnxopt 2:4": ("onnxopt:fold,fuse,prune:structure=2:4", "plain"),
+            "onnxsim structured wanda 50% +ft": ("onnxsim:structured_wanda_pruning:0.5+ft", "simplified"),
+            "onnxsim heads wanda 50% +ft": ("onnxsim:attention_head_wanda_pruning:0.5+ft", "simplified"),
+            "onnxsim sparsegpt 50%": ("onnxsim:sparsegpt_pruning:0.5", "simplified"),
+            "onnxsim sparsegpt 2:4": ("onnxsim:sparsegpt_pruning:0.5:2:4", "simplified"),
+        }
+        return {"path": decoder.build(), "calib": decoder.calibration_npz(), "eval": feeds, "rounds": (100, 30),
+                "candidates": candidates, "accuracy": lambda outs: _next_byte(outs, feeds)}
     if name == "resnet":
         from models import resnet
 
