@@ -7,6 +7,8 @@ they test what a pass does to a graph (groups found, exactness, validity), not a
   ``attention_mask`` [batch, seq].
 - ``whisper_encoder``: Whisper's audio encoder (two Conv1d with GELU, sinusoidal positions,
   pre-LayerNorm blocks); input ``input_features`` [batch, 16 mel bins, 64 frames].
+- ``gpt2``: GPT-2 (Q, K and V from one fused projection and a Split, GELU written out, Conv1D
+  layers exported as Gemm between Reshapes); inputs ``input_ids`` and ``attention_mask``; logits out.
 - ``convnext``: ConvNeXt (patchify Conv, depthwise 7x7 Convs, LayerNorm and the MLP in channels-last
   order between two Transposes, layer scale); input ``pixel_values`` [batch, 3, 32, 32].
 
@@ -26,7 +28,7 @@ if __package__ in (None, ""):
 
 from models._common import BUILD_DIR, atomic_path, is_fresh
 
-NAMES = ("t5_encoder", "whisper_encoder", "convnext")
+NAMES = ("t5_encoder", "whisper_encoder", "gpt2", "convnext")
 _SOURCES = (__file__, Path(__file__).with_name("_common.py"))
 
 
@@ -44,6 +46,9 @@ def _module(name: str):
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                                   decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32)
         model = hf.WhisperModel(config).get_encoder()
+    elif name == "gpt2":
+        model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                                 bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
     elif name == "convnext":
         model = hf.ConvNextForImageClassification(hf.ConvNextConfig(
             num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10, image_size=32))
@@ -56,15 +61,18 @@ def _module(name: str):
             self.model = model.eval()
 
         def forward(self, *args):
-            out = self.model(*args)
-            return out.logits if name == "convnext" else out.last_hidden_state
+            if name == "gpt2":  # its second positional argument is the cache
+                out = self.model(input_ids=args[0], attention_mask=args[1], use_cache=False)
+            else:
+                out = self.model(*args)
+            return out.logits if name in ("convnext", "gpt2") else out.last_hidden_state
 
     return FirstOutput().eval()
 
 
 def feeds(name: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    if name == "t5_encoder":
+    if name in ("t5_encoder", "gpt2"):
         mask = np.ones((n, 12), np.int64)
         mask[:, 9:] = 0
         return {"input_ids": rng.integers(0, 100, (n, 12)), "attention_mask": mask}
@@ -83,7 +91,7 @@ def build(name: str, force: bool = False) -> Path:
     module = _module(name)
     example = feeds(name, 2)
     names = list(example)
-    axes = {k: {0: "batch", 1: "seq"} if name == "t5_encoder" else {0: "batch"} for k in names}
+    axes = {k: {0: "batch", 1: "seq"} if name in ("t5_encoder", "gpt2") else {0: "batch"} for k in names}
     with atomic_path(dest) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(torch.from_numpy(v) for v in example.values()), tmp, dynamo=False,

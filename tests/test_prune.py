@@ -530,3 +530,42 @@ def test_heads_with_a_relative_position_bias_table_prune_its_columns():
     assert report.passes[0]["counts"]["units removed"] == 1
     assert {t.name: tuple(t.dims) for t in pruned.graph.initializer}["table"] == (6, 1)  # head 0's column gone
     np.testing.assert_allclose(ort_run(pruned, feeds)[0], ort_run(dead, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def fused_gate_up(opset: int, form: str) -> onnx.ModelProto:
+    """x [N, 8] -> one fused projection [8, 16] -> Split in two (gate, up) -> gate * up -> down [8, 8]:
+    the SwiGLU of Phi-3 and other fused exports, the Split's sizes given as `form` says."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((8, 16)) / 3).astype(np.float32), "fused.w"),
+             numpy_helper.from_array((RNG.standard_normal((8, 8)) / 3).astype(np.float32), "down.w")]
+    inputs, attrs = ["h"], {"axis": -1}
+    if form == "input":
+        inits.append(numpy_helper.from_array(np.array([8, 8], np.int64), "sizes"))
+        inputs.append("sizes")
+    elif form == "attribute":
+        attrs["split"] = [8, 8]
+    elif form == "num_outputs":
+        attrs["num_outputs"] = 2
+    nodes = [helper.make_node("MatMul", ["x", "fused.w"], ["h"]), helper.make_node("Split", inputs, ["g", "u"], **attrs),
+             helper.make_node("Mul", ["g", "u"], ["gu"]), helper.make_node("MatMul", ["gu", "down.w"], ["y"])]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, form", [(11, "attribute"), (11, "equal"), (13, "input"), (13, "equal"),
+                                         (18, "num_outputs")])
+def test_a_fused_projection_split_in_parts_prunes_both_parts(opset, form):
+    model = fused_gate_up(opset, form)
+    dead = onnx.ModelProto.FromString(model.SerializeToString())
+    down = next(t for t in dead.graph.initializer if t.name == "down.w")
+    rows = numpy_helper.to_array(down).copy()
+    rows[[1, 2, 5, 6]] = 0  # neurons 1, 2, 5 and 6 contribute nothing
+    down.CopyFrom(numpy_helper.from_array(rows, "down.w"))
+    calib = {"x": RNG.standard_normal((64, 8)).astype(np.float32)}
+    pruned, report = onnxopt.optimize(dead, "prune:ratio=0.5,recover=false,keep_if_slower=false,round_to=1",
+                                      calib=calib, compare=False)
+    assert report.passes[0]["counts"]["units removed"] == 4
+    assert {t.name: tuple(t.dims) for t in pruned.graph.initializer}["fused.w"] == (8, 8)  # 4 gate, 4 up columns
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = {"x": RNG.standard_normal((3, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(pruned, feeds)[0], ort_run(dead, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -22,10 +22,12 @@ GROUPS = {("t5_encoder", "channels"): 2,  # the FFNs
           ("t5_encoder", "heads"): 1,  # the position bias, shared by both layers, ties their heads
           ("whisper_encoder", "channels"): 3,  # the first Conv1d's channels and the FFNs
           ("whisper_encoder", "heads"): 2,
+          ("gpt2", "channels"): 2,  # the FFNs (c_fc's width read at run time by the next Reshape)
+          ("gpt2", "heads"): 2,  # through the Split of the fused Q/K/V projection
           ("convnext", "channels"): 2}  # the channels-last MLPs
 
 
-@pytest.fixture(scope="module", params=["t5_encoder", "whisper_encoder", "convnext"])
+@pytest.fixture(scope="module", params=["t5_encoder", "whisper_encoder", "gpt2", "convnext"])
 def zoo_model(request):
     from models import zoo
 
@@ -64,3 +66,30 @@ def test_the_model_runs_in_torch_as_in_onnx_runtime(zoo_model):
 
     name, path = zoo_model
     assert_matches_ort(onnx.load(str(path)), zoo.feeds(name, 4, seed=3))
+
+
+def test_gpt2_heads_that_contribute_nothing_prune_exactly_through_the_fused_projection():
+    """Q, K and V come out of one Gemm and a Split: heads 0 and 2 silenced in c_proj's input rows must
+    go with their Q, K and V columns and the Split's sizes, leaving the logits as they were."""
+    from onnx import numpy_helper
+
+    from models import zoo
+
+    model = onnx.load(str(zoo.build("gpt2")))
+    c_proj = [n for n in model.graph.node if n.op_type == "Gemm" and "attn/c_proj" in n.name]
+    fused = [n for n in model.graph.node if n.op_type == "Gemm" and "attn/c_attn" in n.name]
+    assert len(c_proj) == 2 and len(fused) == 2
+    dead = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in dead.graph.initializer}
+    for node in c_proj:
+        weight = numpy_helper.to_array(inits[node.input[1]]).copy()  # [in, out]: GPT-2's Conv1D, transB=0
+        weight[0:16] = weight[32:48] = 0
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight, node.input[1]))
+    spec = "prune:structure=heads,ratio=0.5,recover=false,keep_if_slower=false"
+    pruned, report = onnxopt.optimize(dead, spec, calib=zoo.feeds("gpt2", 32), compare=False)
+    assert report.passes[-1]["counts"]["units removed"] == 4
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert [shapes[n.input[1]] for n in fused] == [(64, 96)] * 2  # 2 of 4 heads of Q, K and V each
+    held = zoo.feeds("gpt2", 4, seed=3)
+    want = ort_run(dead, held)[0]
+    np.testing.assert_allclose(ort_run(pruned, held)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -29,6 +29,8 @@ import onnx
 
 from onnxopt.graph import GraphView, attribute, infer_dims, subgraph_inputs
 
+from .targets import size_read, split_sizes, target_entry, target_piece
+
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
          "Softplus", "Softsign", "Cast", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
          "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu", "ThresholdedRelu", "Clip", "Not"}
@@ -44,6 +46,15 @@ ORT_ACTIVATIONS = {"BiasGelu", "FastGelu", "Gelu", "QuickGelu"}
 
 class Blocked(Exception):
     """Why a group cannot be pruned."""
+
+
+class SplitAcross(Blocked):
+    """The walk reached a Split that cuts the seed's whole axis into parts (a fused Q/K/V or gate/up
+    projection): the parts are seeds of their own. `cuts`: where, from the axis' start."""
+
+    def __init__(self, cuts: list[int]):
+        super().__init__("Split along the channel axis cuts it into parts")
+        self.cuts = cuts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,16 @@ class ReshapeTarget:
 
 
 @dataclasses.dataclass
+class SplitPart:
+    """An output of a Split along the group's axis: its size in the Split's sizes shrinks with the group."""
+
+    node: onnx.NodeProto
+    output: int
+    width: int  # indices of that output per group unit
+    sizes: tuple[int, ...]  # the Split's output sizes before pruning
+
+
+@dataclasses.dataclass
 class Group:
     units: int
     members: list[Member]
@@ -84,6 +105,7 @@ class Group:
     sources: list[str]  # names of the layers whose output channels the group removes
     depthwise: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # their `group` shrinks too
     reshaped: bool = False  # a Reshape splits or merges the axis on the way (heads: [.., H * D] -> [.., H, D])
+    splits: list[SplitPart] = dataclasses.field(default_factory=list)  # their sizes shrink too
 
     def weights(self, view: GraphView, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role and view.constant(m.slot.tensor) is not None]
@@ -98,19 +120,23 @@ def find_groups(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     tensors' shapes as ONNX Runtime computed them on a sample (see `reshape_probes`), where shape
     inference loses track of dynamic dims across a Reshape."""
     finder = _Finder(model, shapes or {})
-    groups, blocked, seen = [], [], set()
+    groups, blocked, seen, parts_seen = [], [], set(), set()
     for node in model.graph.node:
         seed = finder.seed(node)
         if seed is None or (seed.tensor, seed.axis) in seen:
             continue
         try:
-            group = finder.walk(seed, node)
+            found = [finder.walk(seed, node)]
+        except SplitAcross as exc:  # a fused projection: each part of the Split is a seed
+            found = finder.parts(seed, node, exc.cuts, parts_seen, blocked)
         except Blocked as exc:
             blocked.append(f"{node.op_type} '{node.name or node.output[0]}': {exc}")
             seen.add((seed.tensor, seed.axis))
             continue
-        seen.update((m.slot.tensor, m.slot.axis) for m in group.members)  # a depthwise Conv's seed is in it too
-        groups.append(group)
+        for group in found:
+            seen.update((m.slot.tensor, m.slot.axis) for m in group.members)  # a depthwise Conv's seed is in it too
+            groups.append(group)
+        seen.add((seed.tensor, seed.axis))
     return groups, blocked
 
 
@@ -154,13 +180,34 @@ class _Finder:
             return Slot(node.input[1], axis, 0, weight.shape[axis])
         return None
 
+    def parts(self, seed: Slot, layer: onnx.NodeProto, cuts: list[int], seen: set, blocked: list) -> list[Group]:
+        """The groups of each part of a seed axis a Split cuts (Q, K and V of a fused projection come
+        out as one group of heads, tied by the attention between them)."""
+        bounds = [0, *cuts, seed.hi - seed.lo]
+        groups = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            part = Slot(seed.tensor, seed.axis, seed.lo + lo, seed.lo + hi)
+            if part in seen:
+                continue
+            try:
+                group = self.walk(part, layer)
+            except Blocked as exc:
+                blocked.append(f"{layer.op_type} '{layer.name or layer.output[0]}' [{part.lo}:{part.hi}]: {exc}")
+                seen.add(part)
+                continue
+            seen.update(m.slot for m in group.members)
+            groups.append(group)
+        return groups
+
     def walk(self, seed: Slot, layer: onnx.NodeProto) -> Group:
         widths: dict[Slot, Fraction] = {}
         roles: dict[Slot, str] = {}
         self._depthwise: dict[int, onnx.NodeProto] = {}
         self._size_reads: list[tuple[str, int]] = []  # (tensor, axis) whose run-time size a target takes
         self._reshaped = False
-        reshapes: list[tuple[onnx.NodeProto, int, Fraction]] = []
+        self._seed = seed
+        self._splits: list[tuple[onnx.NodeProto, int, Fraction, tuple[int, ...]]] = []
+        reshapes: list[tuple[onnx.NodeProto, int, Fraction, int, int]] = []  # (node, axis, width, output range)
         sources: list[str] = []
         todo = [(seed, Fraction(1))]
         while todo:
@@ -192,7 +239,10 @@ class _Finder:
             if (tensor, axis) not in whole:
                 raise Blocked(f"a Reshape or Expand takes its size at the channel axis from {tensor}, which does "
                               "not shrink with the group")
-        scale = math.lcm(*(w.denominator for w in widths.values()), *(w.denominator for _, _, w in reshapes))
+        # each target edit once per output range: the parts of a fused projection through one Reshape add up
+        reshapes = list({(id(n), a, lo, hi): (n, a, w) for n, a, w, lo, hi in reshapes}.values())
+        scale = math.lcm(*(w.denominator for w in widths.values()), *(w.denominator for _, _, w in reshapes),
+                         *(w.denominator for _, _, w, _ in self._splits))
         units = Fraction(seed.hi - seed.lo) / (widths[seed] * scale)
         if units.denominator != 1 or units < 2:
             raise Blocked("its channels do not split into whole units")
@@ -200,8 +250,10 @@ class _Finder:
                    Member(s, int(w * scale), roles[s]) for s, w in widths.items()]
         if not sources:
             sources = [layer.name or layer.output[0]]
+        splits = {(id(n), i): SplitPart(n, i, int(w * scale), sizes) for n, i, w, sizes in self._splits}
         return Group(int(units), members, [ReshapeTarget(n, a, int(w * scale)) for n, a, w in reshapes],
-                     list(dict.fromkeys(sources)), list(self._depthwise.values()), self._reshaped)
+                     list(dict.fromkeys(sources)), list(self._depthwise.values()), self._reshaped,
+                     list(splits.values()))
 
     # ------------------------------------------------------------------ op rules
 
@@ -358,8 +410,8 @@ class _Finder:
         target_dims = self.dims.get(node.input[1])
         length = target_dims[0] if target_dims and isinstance(target_dims[0], int) else rank_out
         b = out_axis - (rank_out - length)
-        if b >= 0 and self._constant_target(node, b):
-            reshapes.append((node, b, width))
+        if b >= 0 and self._constant_target(node, b):  # met from either side: once per output range, in walk
+            reshapes.append((node, b, width, slot.lo, slot.hi))
         return [(Slot(out, out_axis, slot.lo, slot.hi), width), (Slot(x, in_axis, slot.lo, slot.hi), width)]
 
     @staticmethod
@@ -518,7 +570,7 @@ class _Finder:
             d = source[a]
             if b < len(result) and result[b] == d and _same_product(rest_in, rest_out):
                 if self._constant_target(node, b):
-                    reshapes.append((node, b, width))
+                    reshapes.append((node, b, width, slot.lo, slot.hi))
                 return [(Slot(node.output[0], b, slot.lo, slot.hi), width)]
             if b + 1 < len(result) and isinstance(d, int) and isinstance(result[b], int) and \
                     isinstance(result[b + 1], int) and result[b] * result[b + 1] == d and \
@@ -528,13 +580,13 @@ class _Finder:
                     raise Blocked("Reshape splits the axis inside a unit")
                 self._reshaped = True
                 if self._constant_target(node, b):
-                    reshapes.append((node, b, width / inner))
+                    reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
             inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
             if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
                 self._reshaped = True
                 if self._constant_target(node, b):
-                    reshapes.append((node, b, width * inner))
+                    reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
                 return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
         raise Blocked("Reshape mixes the channel axis with others")
 
@@ -545,7 +597,7 @@ class _Finder:
         entry = target_entry(node, b, self.view)
         if entry is not None:
             return entry[2] > 1
-        read = size_read(target_piece(node, b, self.view), self.view)
+        read = size_read(target_piece(node, b, self.view), self.view, self.dims)
         if read is None:
             raise Blocked(f"{node.op_type}'s target size at the channel axis is computed")
         self._size_reads.append(read)
@@ -613,105 +665,28 @@ class _Finder:
         return [(Slot(node.output[0], axis, lo + slot.lo, lo + slot.hi), width)]
 
     def _split(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
+        """A Split along another axis passes the channels through; along theirs, each output is a range
+        of the input's axis (as a Concat's inputs are of its output), and its size shrinks with the group."""
         rank = self._rank(node.input[0])
-        if slot.axis != attribute(node, "axis", 0) % rank:
+        axis = attribute(node, "axis", 0) % rank
+        if slot.axis != axis:
             return [(Slot(n, slot.axis, slot.lo, slot.hi), width) for n in [node.input[0], *node.output]]
-        raise Blocked("Split along the channel axis would need new split sizes")
-
-
-def target_entry(node: onnx.NodeProto, b: int, view: GraphView) -> tuple[str, int, int] | None:
-    """Where a Reshape's (or Expand's) target keeps its entry at position b: (constant tensor, element,
-    value); None when that entry is computed at run time."""
-    found = target_piece(node, b, view)
-    value = None if found is None else view.constant(found[2])
-    return None if value is None else (found[2], found[3], int(value.reshape(-1)[found[3]]))
-
-
-def target_piece(node: onnx.NodeProto, b: int, view: GraphView) -> tuple[onnx.NodeProto, int, str, int] | None:
-    """Entry b of a Reshape's or Expand's target: (the node that reads the tensor holding it, which of
-    its inputs that is, the tensor, the element in it). The tensor is the target itself or a piece of
-    the Concat that builds it, seen through TorchScript's `expand` guard Where(Equal(t, -1), 1, t) and
-    1-D Reshapes of t."""
-    holder, index = node, 1
-    while view.constant(holder.input[index]) is None:
-        producer = view.producer.get(holder.input[index])
-        if producer is not None and producer.op_type == "Reshape" and view.constant(producer.input[1]) is not None \
-                and view.constant(producer.input[1]).reshape(-1).tolist() == [-1]:
-            holder, index = producer, 0
-        elif producer is not None and producer.op_type == "Where" and _expand_guard(producer, view):
-            holder, index = producer, 2
-        else:
-            break
-    name = holder.input[index]
-    target = view.constant(name)
-    if target is not None:
-        return (holder, index, name, b) if b < target.size else None
-    concat = view.producer.get(name)
-    if concat is None or concat.op_type != "Concat":
-        return None
-    position = 0
-    for index, piece in enumerate(concat.input):
-        value = view.constant(piece)
-        size = 1 if value is None else value.size  # a computed piece is one dim in exported graphs
-        if position <= b < position + size:
-            return concat, index, piece, b - position
-        position += size
-    return None
-
-
-def _expand_guard(where: onnx.NodeProto, view: GraphView) -> bool:
-    """Where(Equal(t, -1...), 1..., t): an entry of t that is -1 becomes 1, the others stay (the
-    filled tensors constant, or computed from t's shape as TorchScript writes them)."""
-    equal = view.producer.get(where.input[0])
-    if equal is None or equal.op_type != "Equal" or where.input[2] not in equal.input:
-        return False
-    other = equal.input[1] if equal.input[0] == where.input[2] else equal.input[0]
-    return _filled(where.input[1], view) == 1 and _filled(other, view) == -1
-
-
-def _filled(name: str, view: GraphView, depth: int = 0) -> float | None:
-    """The one value every element of `name` holds, where the graph says so: a constant,
-    ConstantOfShape, or a product of such."""
-    value = view.constant(name)
-    if value is not None:
-        flat = np.unique(value)
-        return float(flat[0]) if flat.size == 1 else None
-    node = view.producer.get(name)
-    if node is None or depth > 4:
-        return None
-    if node.op_type == "ConstantOfShape":
-        fill = attribute(node, "value", None)
-        return 0.0 if fill is None else float(onnx.numpy_helper.to_array(fill).reshape(-1)[0])
-    if node.op_type == "Mul":
-        a, b = (_filled(n, view, depth + 1) for n in node.input)
-        return None if a is None or b is None else a * b
-    return None
-
-
-def size_read(found: tuple[onnx.NodeProto, int, str, int] | None, view: GraphView) -> tuple[str, int] | None:
-    """(tensor, axis) when a computed one-element piece is that tensor's size read at run time, or a
-    constant multiple of it: Gather(Shape(tensor), axis), possibly through Unsqueeze, Squeeze, Cast,
-    Identity and Mul by a constant (TorchScript exports write `x.shape[k]` and `heads * n_rep` so)."""
-    if found is None:
-        return None
-    node = view.producer.get(found[2])
-    while node is not None and node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Mul"):
-        if node.op_type == "Mul":
-            computed = [n for n in node.input if view.constant(n) is None]
-            if len(computed) != 1:
-                return None
-            node = view.producer.get(computed[0])
-            continue
-        node = view.producer.get(node.input[0])
-    if node is None or node.op_type != "Gather" or attribute(node, "axis", 0) != 0:
-        return None
-    shape, index = view.producer.get(node.input[0]), view.constant(node.input[1])
-    if shape is None or shape.op_type != "Shape" or index is None or index.size != 1:
-        return None
-    start, k = attribute(shape, "start", 0), int(index.reshape(-1)[0])
-    if attribute(shape, "end", None) is not None or start < 0 or k < 0:
-        return None  # a negative index needs the rank; exporters write these forms rarely
-    return shape.input[0], start + k
+        sizes = split_sizes(node, self.view, self._dim(node.input[0], axis))
+        if sizes is None:
+            raise Blocked("Split of sizes unknown here")
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        if is_output:
+            i = list(node.output).index(slot.tensor)
+            self._splits.append((node, i, width, tuple(sizes)))
+            return [(Slot(node.input[0], axis, starts[i] + slot.lo, starts[i] + slot.hi), width)]
+        for i, (lo, hi) in enumerate(zip(starts, starts[1:])):
+            if lo <= slot.lo and slot.hi <= hi:
+                self._splits.append((node, i, width, tuple(sizes)))
+                return [(Slot(node.output[i], axis, slot.lo - lo, slot.hi - lo), width)]
+        seed = self._seed
+        if (slot.lo, slot.hi) == (seed.lo, seed.hi) and width == 1:  # the seed's own axis, cut into parts
+            raise SplitAcross([c - slot.lo for c in starts[1:-1] if slot.lo < c < slot.hi])
+        raise Blocked("Split cuts a unit of the group")
 
 
 def _axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:

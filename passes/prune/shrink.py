@@ -16,8 +16,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt.graph import GraphView, NameGenerator
+from onnxopt.opsets import default_opset
 
-from .groups import Group, target_piece
+from .groups import Group
+from .targets import target_piece
 
 
 def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
@@ -34,17 +36,21 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     deletions: dict[tuple[str, int], set[int]] = defaultdict(set)
     target_edits: dict[tuple[int, int], list] = {}  # (Reshape or Expand, axis) -> [node, axis, how much smaller]
     changed_activations: set[str] = set()
+    split_edits: dict[int, list] = {}  # Split -> [node, its new sizes]
     for group, units in removals:
         if not units:
             continue
-        reshapes = {(id(here(t.node)), t.axis): t for t in group.reshapes}  # one edit a target per group
         for member in group.members:
             if view.constant(member.slot.tensor) is not None:
                 deletions[(member.slot.tensor, member.slot.axis)].update(member.indices(units).tolist())
             else:
                 changed_activations.add(member.slot.tensor)
-        for key, target in reshapes.items():  # the groups of a Concat's inputs all shrink the target after it
+        for target in group.reshapes:  # the groups of a Concat's inputs, or a fused projection's parts, add up
+            key = (id(here(target.node)), target.axis)
             target_edits.setdefault(key, [here(target.node), target.axis, 0])[2] += len(units) * target.width
+        for part in group.splits:
+            edit = split_edits.setdefault(id(here(part.node)), [here(part.node), list(part.sizes)])
+            edit[1][part.output] -= len(units) * part.width
         for node in group.depthwise:  # one group a channel: as many groups as channels are left
             attr = next(a for a in here(node).attribute if a.name == "group")
             attr.i -= len(units)
@@ -55,6 +61,7 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
         edited[name] = np.delete(value, sorted(indices), axis=axis)
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    _shrink_splits(model, split_edits)
     done: dict = {}  # the copies made so far: an entry two edits reach (through an expand guard) shrinks once
     for piece, fewer in _target_pieces(graph, view, list(target_edits.values())):
         _shrink_target(graph, view, piece, fewer, done)
@@ -80,6 +87,28 @@ def _target_pieces(graph: onnx.GraphProto, view: GraphView, edits: list) -> list
                              "differently")
         pieces.append((piece, fewer))
     return pieces
+
+
+def _shrink_splits(model: onnx.ModelProto, edits: dict[int, list]) -> None:
+    """Each edited Split gets its new sizes: in its `split` attribute (opset < 13), else as a `split`
+    input of its own (where it split in equal parts, opset 18's num_outputs gives way to it)."""
+    graph = model.graph
+    names = NameGenerator(graph)
+    for node, sizes in edits.values():
+        attr = next((a for a in node.attribute if a.name == "split"), None)
+        if attr is not None or default_opset(model) < 13:
+            if attr is None:
+                node.attribute.append(onnx.helper.make_attribute("split", sizes))
+            else:
+                attr.ints[:] = sizes
+            continue
+        name = names(f"{node.output[0]}_sizes")
+        graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), name))
+        if len(node.input) < 2:
+            node.input.append(name)
+        node.input[1] = name
+        for extra in [a for a in node.attribute if a.name == "num_outputs"]:
+            node.attribute.remove(extra)
 
 
 def _own_concat(graph: onnx.GraphProto, node: onnx.NodeProto, piece: tuple) -> tuple:
@@ -112,7 +141,7 @@ def _forget_shapes(graph: onnx.GraphProto, view: GraphView, changed: set[str]) -
 
 
 def _shrink_target(graph: onnx.GraphProto, view: GraphView, piece: tuple, fewer: int, done: dict) -> None:
-    """A Reshape's (or Expand's) target entry (`piece`: groups.target_piece) made `fewer` smaller, in a
+    """A Reshape's (or Expand's) target entry (`piece`: targets.target_piece) made `fewer` smaller, in a
     copy of the constant that holds it (constants are shared, by other layers' Reshapes too, and one may
     fill several entries of a Concat). -1 and 0 (and an Expand's 1) need nothing. `done`: the copies
     made so far, and which of their elements shrank, by (holder, input)."""
