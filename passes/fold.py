@@ -108,8 +108,9 @@ def drop_legacy_initializer_inputs(model: onnx.ModelProto) -> int:
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> int:
-    """Shape/Size of tensors with known dims become initializers, and so do Gathers of known dims
-    from a Shape whose other dims are dynamic (Gather(Shape(x), 2) is 384 even with a dynamic batch)."""
+    """Shape/Size of tensors with known dims become initializers, and so do Gathers and Slices of known
+    dims from a Shape whose other dims are dynamic (Gather(Shape(x), 2) is 384 even with a dynamic
+    batch; TorchScript writes x.size(-1) as Slice(Shape(x), -1, INT_MAX))."""
     dims = infer_dims(model)
     graph = model.graph
     view = GraphView(graph, model.ir_version)
@@ -130,11 +131,35 @@ def fold_static_shapes(model: onnx.ModelProto) -> int:
                          else np.array(int(np.prod(shape)), dtype=np.int64))
         elif node.op_type == "Gather":
             value = _gathered_static_dims(node, view, dims)
+        elif node.op_type == "Slice":
+            value = _sliced_static_dims(node, view, dims)
         if value is not None:
             graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
             replaced.append(node)
     remove_nodes(graph, replaced)
     return len(replaced)
+
+
+def _sliced_static_dims(node: onnx.NodeProto, view: GraphView, dims) -> np.ndarray | None:
+    shape_node = view.producer.get(node.input[0])
+    if shape_node is None or shape_node.op_type != "Shape" or len(node.input) < 3:
+        return None
+    bounds = [view.constant(name) if name else None for name in node.input[1:]]
+    if any(b is None for b in bounds[:2]) or any(b is None for b, name in zip(bounds, node.input[1:]) if name):
+        return None
+    attrs = {a.name: a.i for a in shape_node.attribute}
+    shape = dims.get(shape_node.input[0])
+    if shape is None:
+        return None
+    shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
+    known = np.array([-1 if d is None else d for d in shape], dtype=np.int64)
+    starts, ends = bounds[0].reshape(-1), bounds[1].reshape(-1)
+    axes = bounds[2].reshape(-1) if len(bounds) > 2 and bounds[2] is not None else np.zeros(1, np.int64)
+    steps = bounds[3].reshape(-1) if len(bounds) > 3 and bounds[3] is not None else np.ones(1, np.int64)
+    if starts.size != 1 or ends.size != 1 or axes.tolist() not in ([0], [-1]) or steps.tolist() != [1]:
+        return None
+    picked = known[int(starts[0]):int(min(ends[0], 2**62))]  # numpy clamps the bounds as ONNX does
+    return picked if picked.size and np.all(picked >= 0) else None
 
 
 def _gathered_static_dims(node: onnx.NodeProto, view: GraphView, dims) -> np.ndarray | None:

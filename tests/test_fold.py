@@ -254,6 +254,27 @@ def test_reshapes_sharing_a_target_share_its_constant_copy():
     assert_same_outputs(model, result.model, {"x": np.random.rand(3, 5, 8).astype(np.float32)})
 
 
+def test_static_dims_sliced_from_a_dynamic_shape_are_folded():
+    """TorchScript writes x.size(-1) as Slice(Shape(x), -1, INT_MAX): with the last dim known, a constant."""
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, S, 8] x) => (float[B, S, 8] y) {
+        s = Shape(x)
+        last = Constant<value = int64[1] {-1}>()
+        end = Constant<value = int64[1] {9223372036854775807}>()
+        first = Constant<value = int64[1] {0}>()
+        width = Slice(s, last, end)
+        lead = Slice(s, first, last)
+        shape = Concat<axis = 0>(lead, width)
+        y = Reshape(x, shape)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    assert "Slice" in op_types(result.model)  # [B, S] stays dynamic
+    assert op_types(result.model).count("Slice") == 1
+    assert_same_outputs(model, result.model, {"x": np.random.rand(2, 3, 8).astype(np.float32)})
+
+
 def test_static_dim_gathered_from_a_dynamic_shape_is_folded():
     model = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
