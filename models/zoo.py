@@ -9,6 +9,8 @@ they test what a pass does to a graph (groups found, exactness, validity), not a
   pre-LayerNorm blocks); input ``input_features`` [batch, 16 mel bins, 64 frames].
 - ``gpt2``: GPT-2 (Q, K and V from one fused projection and a Split, GELU written out, Conv1D
   layers exported as Gemm between Reshapes); inputs ``input_ids`` and ``attention_mask``; logits out.
+- ``phi3``: Phi-3 (grouped-query attention, 4 query heads over 2 key/value heads, from one fused
+  Q/K/V projection cut by Slices, and a fused gate/up projection cut by Slices); inputs as GPT-2's.
 - ``convnext``: ConvNeXt (patchify Conv, depthwise 7x7 Convs, LayerNorm and the MLP in channels-last
   order between two Transposes, layer scale); input ``pixel_values`` [batch, 3, 32, 32].
 
@@ -28,7 +30,7 @@ if __package__ in (None, ""):
 
 from models._common import BUILD_DIR, atomic_path, is_fresh
 
-NAMES = ("t5_encoder", "whisper_encoder", "gpt2", "convnext")
+NAMES = ("t5_encoder", "whisper_encoder", "gpt2", "phi3", "convnext")
 _SOURCES = (__file__, Path(__file__).with_name("_common.py"))
 
 
@@ -49,6 +51,11 @@ def _module(name: str):
     elif name == "gpt2":
         model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+    elif name == "phi3":
+        model = hf.Phi3ForCausalLM(hf.Phi3Config(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, attn_implementation="eager"))
     elif name == "convnext":
         model = hf.ConvNextForImageClassification(hf.ConvNextConfig(
             num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10, image_size=32))
@@ -61,18 +68,18 @@ def _module(name: str):
             self.model = model.eval()
 
         def forward(self, *args):
-            if name == "gpt2":  # its second positional argument is the cache
+            if name in ("gpt2", "phi3"):  # their second positional argument is the cache
                 out = self.model(input_ids=args[0], attention_mask=args[1], use_cache=False)
             else:
                 out = self.model(*args)
-            return out.logits if name in ("convnext", "gpt2") else out.last_hidden_state
+            return out.logits if name in ("convnext", "gpt2", "phi3") else out.last_hidden_state
 
     return FirstOutput().eval()
 
 
 def feeds(name: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    if name in ("t5_encoder", "gpt2"):
+    if name in ("t5_encoder", "gpt2", "phi3"):
         mask = np.ones((n, 12), np.int64)
         mask[:, 9:] = 0
         return {"input_ids": rng.integers(0, 100, (n, 12)), "attention_mask": mask}
@@ -91,7 +98,7 @@ def build(name: str, force: bool = False) -> Path:
     module = _module(name)
     example = feeds(name, 2)
     names = list(example)
-    axes = {k: {0: "batch", 1: "seq"} if name in ("t5_encoder", "gpt2") else {0: "batch"} for k in names}
+    axes = {k: {0: "batch", 1: "seq"} if name in ("t5_encoder", "gpt2", "phi3") else {0: "batch"} for k in names}
     with atomic_path(dest) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(torch.from_numpy(v) for v in example.values()), tmp, dynamo=False,

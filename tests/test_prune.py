@@ -534,7 +534,7 @@ def test_heads_with_a_relative_position_bias_table_prune_its_columns():
 
 def fused_gate_up(opset: int, form: str) -> onnx.ModelProto:
     """x [N, 8] -> one fused projection [8, 16] -> Split in two (gate, up) -> gate * up -> down [8, 8]:
-    the SwiGLU of Phi-3 and other fused exports, the Split's sizes given as `form` says."""
+    the SwiGLU of Phi-3 and other fused exports, the Split's sizes given as `form` says (or two Slices)."""
     inits = [numpy_helper.from_array((RNG.standard_normal((8, 16)) / 3).astype(np.float32), "fused.w"),
              numpy_helper.from_array((RNG.standard_normal((8, 8)) / 3).astype(np.float32), "down.w")]
     inputs, attrs = ["h"], {"axis": -1}
@@ -545,7 +545,14 @@ def fused_gate_up(opset: int, form: str) -> onnx.ModelProto:
         attrs["split"] = [8, 8]
     elif form == "num_outputs":
         attrs["num_outputs"] = 2
-    nodes = [helper.make_node("MatMul", ["x", "fused.w"], ["h"]), helper.make_node("Split", inputs, ["g", "u"], **attrs),
+    if form == "slices":  # Phi-3's h[..., :8] and h[..., 8:]
+        inits += [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in
+                  {"zero": 0, "half": 8, "all": 2**63 - 1, "last": -1}.items()]
+        cut = [helper.make_node("Slice", ["h", "zero", "half", "last"], ["g"]),
+               helper.make_node("Slice", ["h", "half", "all", "last"], ["u"])]
+    else:
+        cut = [helper.make_node("Split", inputs, ["g", "u"], **attrs)]
+    nodes = [helper.make_node("MatMul", ["x", "fused.w"], ["h"]), *cut,
              helper.make_node("Mul", ["g", "u"], ["gu"]), helper.make_node("MatMul", ["gu", "down.w"], ["y"])]
     graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
@@ -553,7 +560,7 @@ def fused_gate_up(opset: int, form: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("opset, form", [(11, "attribute"), (11, "equal"), (13, "input"), (13, "equal"),
-                                         (18, "num_outputs")])
+                                         (18, "num_outputs"), (17, "slices")])
 def test_a_fused_projection_split_in_parts_prunes_both_parts(opset, form):
     model = fused_gate_up(opset, form)
     dead = onnx.ModelProto.FromString(model.SerializeToString())

@@ -24,10 +24,12 @@ GROUPS = {("t5_encoder", "channels"): 2,  # the FFNs
           ("whisper_encoder", "heads"): 2,
           ("gpt2", "channels"): 2,  # the FFNs (c_fc's width read at run time by the next Reshape)
           ("gpt2", "heads"): 2,  # through the Split of the fused Q/K/V projection
+          ("phi3", "channels"): 2,  # the fused gate/up projections, cut by Slices
+          ("phi3", "heads"): 2,  # key/value groups, out of the fused Q/K/V projection cut by Slices
           ("convnext", "channels"): 2}  # the channels-last MLPs
 
 
-@pytest.fixture(scope="module", params=["t5_encoder", "whisper_encoder", "gpt2", "convnext"])
+@pytest.fixture(scope="module", params=["t5_encoder", "whisper_encoder", "gpt2", "phi3", "convnext"])
 def zoo_model(request):
     from models import zoo
 
@@ -91,5 +93,32 @@ def test_gpt2_heads_that_contribute_nothing_prune_exactly_through_the_fused_proj
     shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     assert [shapes[n.input[1]] for n in fused] == [(64, 96)] * 2  # 2 of 4 heads of Q, K and V each
     held = zoo.feeds("gpt2", 4, seed=3)
+    want = ort_run(dead, held)[0]
+    np.testing.assert_allclose(ort_run(pruned, held)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("structure, layer, rows, removed", [("heads", "o_proj", slice(32, 64), 2),
+                                                             ("channels", "down_proj", slice(0, 64), 128)])
+def test_phi3_units_that_contribute_nothing_prune_exactly_through_the_sliced_projections(structure, layer, rows,
+                                                                                        removed):
+    """Phi-3 cuts Q, K and V (and gate and up) out of fused projections with Slices, whose bounds must
+    move with what is removed before them: key/value group 1 (query heads 2 and 3, o_proj's rows
+    32-63) or FFN neurons 0-63 (down_proj's rows) silenced, then pruned, leave the logits as they were."""
+    from onnx import numpy_helper
+
+    from models import zoo
+
+    model = onnx.load(str(zoo.build("phi3")))
+    dead = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in dead.graph.initializer}
+    for node in [n for n in dead.graph.node if n.op_type == "MatMul" and f"/{layer}/" in n.name]:
+        weight = numpy_helper.to_array(inits[node.input[1]]).copy()
+        weight[rows] = 0
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight, node.input[1]))
+    # fold first: the plain export computes chunk()'s bounds at run time, and those Slices block
+    spec = f"fold,fuse,prune:structure={structure},ratio=0.5,recover=false,keep_if_slower=false"
+    pruned, report = onnxopt.optimize(dead, spec, calib=zoo.feeds("phi3", 32), compare=False)
+    assert report.passes[-1]["counts"]["units removed"] == removed
+    held = zoo.feeds("phi3", 4, seed=3)
     want = ort_run(dead, held)[0]
     np.testing.assert_allclose(ort_run(pruned, held)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -17,19 +17,23 @@ A group is blocked, and never pruned, when its walk reaches a graph input or out
 are the model's contract), an axis an op normalizes or reduces over (LayerNormalization of a
 transformer's residual stream, Softmax), a subgraph, or an op without a rule here; the reason is kept
 for the report.
+
+Here: the walk and the rules for ops that compute on channels (elementwise, normalizations, Conv,
+MatMul/Gemm). `layout.py`: the rules for ops that only move them (Reshape, Expand, Concat, Split,
+Slice, Gather...); `units.py`: what a group is made of; `targets.py`: where shape constants keep the
+sizes that shrink with a group.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from fractions import Fraction
 
-import numpy as np
 import onnx
 
 from onnxopt.graph import GraphView, attribute, infer_dims, subgraph_inputs
 
-from .targets import size_read, split_sizes, target_entry, target_piece
+from .layout import LayoutRules
+from .units import Blocked, Group, Member, ReshapeTarget, SliceBounds, Slot, SplitAcross, SplitPart
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
          "Softplus", "Softsign", "Cast", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
@@ -42,76 +46,6 @@ SHAPE_READERS = {"Shape", "Size"}  # read a tensor's dims, not its values: they 
 # ONNX Runtime's activations (com.microsoft, as its transformer optimizer fuses them): x, and an optional
 # bias broadcast over x's last axis, added before the activation; elementwise in every other way
 ORT_ACTIVATIONS = {"BiasGelu", "FastGelu", "Gelu", "QuickGelu"}
-
-
-class Blocked(Exception):
-    """Why a group cannot be pruned."""
-
-
-class SplitAcross(Blocked):
-    """The walk reached a Split that cuts the seed's whole axis into parts (a fused Q/K/V or gate/up
-    projection): the parts are seeds of their own. `cuts`: where, from the axis' start."""
-
-    def __init__(self, cuts: list[int]):
-        super().__init__("Split along the channel axis cuts it into parts")
-        self.cuts = cuts
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    tensor: str
-    axis: int
-    lo: int
-    hi: int
-
-
-@dataclasses.dataclass
-class Member:
-    slot: Slot
-    width: int  # indices per unit on this axis
-    role: str  # "out" (a weight's output channels), "in" (a weight's input channels), "param", "act"
-    layer: onnx.NodeProto | None = None  # the Conv/MatMul/Gemm whose weight this is ("in" and "out")
-
-    def indices(self, units: list[int]) -> np.ndarray:
-        """The indices of this member's axis that `units` cover."""
-        lo, w = self.slot.lo, self.width
-        return np.concatenate([np.arange(lo + u * w, lo + (u + 1) * w) for u in units]) if units else np.zeros(0, int)
-
-
-@dataclasses.dataclass
-class ReshapeTarget:
-    """A Reshape whose constant target shape names the group's axis: it must shrink with it."""
-
-    node: onnx.NodeProto
-    axis: int
-    width: int  # target units per group unit on that axis
-
-
-@dataclasses.dataclass
-class SplitPart:
-    """An output of a Split along the group's axis: its size in the Split's sizes shrinks with the group."""
-
-    node: onnx.NodeProto
-    output: int
-    width: int  # indices of that output per group unit
-    sizes: tuple[int, ...]  # the Split's output sizes before pruning
-
-
-@dataclasses.dataclass
-class Group:
-    units: int
-    members: list[Member]
-    reshapes: list[ReshapeTarget]
-    sources: list[str]  # names of the layers whose output channels the group removes
-    depthwise: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # their `group` shrinks too
-    reshaped: bool = False  # a Reshape splits or merges the axis on the way (heads: [.., H * D] -> [.., H, D])
-    splits: list[SplitPart] = dataclasses.field(default_factory=list)  # their sizes shrink too
-
-    def weights(self, view: GraphView, role: str) -> list[Member]:
-        return [m for m in self.members if m.role == role and view.constant(m.slot.tensor) is not None]
-
-    def describe(self) -> str:
-        return f"{', '.join(self.sources[:3])}{' ...' if len(self.sources) > 3 else ''} ({self.units} units)"
 
 
 def find_groups(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
@@ -149,7 +83,7 @@ def shape_probes(model: onnx.ModelProto) -> list[str]:
     return [n for n in produced if n not in dims or any(d is None for d in dims[n])]
 
 
-class _Finder:
+class _Finder(LayoutRules):
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
         self.graph = model.graph
         self.view = GraphView(model.graph, model.ir_version)
@@ -181,16 +115,21 @@ class _Finder:
         return None
 
     def parts(self, seed: Slot, layer: onnx.NodeProto, cuts: list[int], seen: set, blocked: list) -> list[Group]:
-        """The groups of each part of a seed axis a Split cuts (Q, K and V of a fused projection come
-        out as one group of heads, tied by the attention between them)."""
+        """The groups of each part of a seed axis a Split or Slices cut (Q, K and V of a fused projection
+        come out as one group of heads, tied by the attention between them)."""
         bounds = [0, *cuts, seed.hi - seed.lo]
+        todo = [Slot(seed.tensor, seed.axis, seed.lo + lo, seed.lo + hi) for lo, hi in zip(bounds, bounds[1:])]
         groups = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            part = Slot(seed.tensor, seed.axis, seed.lo + lo, seed.lo + hi)
+        while todo:
+            part = todo.pop(0)
             if part in seen:
                 continue
             try:
                 group = self.walk(part, layer)
+            except SplitAcross as exc:  # Slices cut Q, K and V one at a time: a part may be cut again
+                inner = [0, *exc.cuts, part.hi - part.lo]
+                todo[:0] = [Slot(part.tensor, part.axis, part.lo + lo, part.lo + hi) for lo, hi in zip(inner, inner[1:])]
+                continue
             except Blocked as exc:
                 blocked.append(f"{layer.op_type} '{layer.name or layer.output[0]}' [{part.lo}:{part.hi}]: {exc}")
                 seen.add(part)
@@ -207,6 +146,7 @@ class _Finder:
         self._reshaped = False
         self._seed = seed
         self._splits: list[tuple[onnx.NodeProto, int, Fraction, tuple[int, ...]]] = []
+        self._slices: dict[int, SliceBounds] = {}
         reshapes: list[tuple[onnx.NodeProto, int, Fraction, int, int]] = []  # (node, axis, width, output range)
         sources: list[str] = []
         todo = [(seed, Fraction(1))]
@@ -253,7 +193,7 @@ class _Finder:
         splits = {(id(n), i): SplitPart(n, i, int(w * scale), sizes) for n, i, w, sizes in self._splits}
         return Group(int(units), members, [ReshapeTarget(n, a, int(w * scale)) for n, a, w in reshapes],
                      list(dict.fromkeys(sources)), list(self._depthwise.values()), self._reshaped,
-                     list(splits.values()))
+                     list(splits.values()), list(self._slices.values()))
 
     # ------------------------------------------------------------------ op rules
 
@@ -331,7 +271,7 @@ class _Finder:
                 raise Blocked("it reaches an Expand's shape")
             return self._expand(node, slot, width, is_output, reshapes)
         if op == "Slice":
-            return self._slice(node, slot, position, same)
+            return self._slice(node, slot, width, position, same)
         if op == "Gather":
             return self._gather(node, slot, width, is_output)
         if op in ("Squeeze", "Unsqueeze"):
@@ -358,61 +298,10 @@ class _Finder:
             raise Blocked(f"{node.op_type} reduces over that axis of {node.input[0]}")
         return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
 
-    def _slice(self, node, slot: Slot, position, same) -> list:
-        """A Slice along other axes than the channel's (rotary embeddings split each head's dims in
-        halves): the channel axis passes through."""
-        if position and position[0] > 0:
-            raise Blocked("it reaches a Slice's bounds")
-        if len(node.input) > 1:  # opset >= 10: starts, ends, axes as inputs
-            starts = self.view.constant(node.input[1])
-            axes = self.view.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else \
-                None if starts is None else np.arange(starts.size)
-        else:
-            axes = attribute(node, "axes", None) or list(range(len(attribute(node, "starts", []))))
-        if axes is None:
-            raise Blocked("Slice with computed axes")
-        rank = self._rank(node.input[0])
-        if slot.axis in {int(a) % rank for a in np.atleast_1d(axes)}:
-            raise Blocked("Slice cuts that axis")
-        return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
 
-    def _gather(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
-        """Gather(data, indices) along axis a: the output's axes are data's before a, then the indices',
-        then data's after a. An axis of data other than a passes through (T5 looks up each head's
-        relative position bias in a [buckets, heads] table); the gathered axis and the indices' axes
-        hold rows, not channels."""
-        data, indices, out = node.input[0], node.input[1], node.output[0]
-        rank = self._rank(data)
-        axis = attribute(node, "axis", 0) % rank
-        added = self._rank(indices) - 1  # the output has this many more axes than data
-        if slot.tensor == indices:
-            raise Blocked("it reaches a Gather's indices")
-        if is_output:
-            data_axis = slot.axis if slot.axis < axis else slot.axis - added if slot.axis > axis + added else None
-        else:
-            data_axis = slot.axis if slot.axis != axis else None
-        if data_axis is None or data_axis == axis:
-            raise Blocked("Gather picks along that axis")
-        out_axis = data_axis if data_axis < axis else data_axis + added
-        return [(Slot(data, data_axis, slot.lo, slot.hi), width), (Slot(out, out_axis, slot.lo, slot.hi), width)]
 
-    def _expand(self, node, slot: Slot, width: Fraction, is_output: bool, reshapes) -> list:
-        """Expand broadcasts its input to a target shape; an axis on which the input holds the channels
-        keeps them (grouped-query attention repeats each key/value head for its query heads this way).
-        The target's entry there is 1 (the input's size), a constant that shrinks with the group, or
-        the size of a tensor of the group read at run time (checked when the walk ends)."""
-        x, out = node.input[0], node.output[0]
-        rank_x, rank_out = self._rank(x), self._rank(out)
-        out_axis = slot.axis if is_output else slot.axis + rank_out - rank_x
-        in_axis = out_axis - (rank_out - rank_x)
-        if in_axis < 0 or self._dim(x, in_axis) == 1:
-            raise Blocked("Expand broadcasts the channel axis")
-        target_dims = self.dims.get(node.input[1])
-        length = target_dims[0] if target_dims and isinstance(target_dims[0], int) else rank_out
-        b = out_axis - (rank_out - length)
-        if b >= 0 and self._constant_target(node, b):  # met from either side: once per output range, in walk
-            reshapes.append((node, b, width, slot.lo, slot.hi))
-        return [(Slot(out, out_axis, slot.lo, slot.hi), width), (Slot(x, in_axis, slot.lo, slot.hi), width)]
+
+
 
     @staticmethod
     def _block(op: str, why: str):
@@ -536,188 +425,3 @@ class _Finder:
         if out_axis == ro - 1 and slot.tensor != a:  # columns from b
             return [(Slot(out, ro - 1, slot.lo, slot.hi), width), (Slot(b, rb - 1, slot.lo, slot.hi), width)]
         raise Blocked("MatMul mixes that axis")
-
-    def _flatten(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
-        if attribute(node, "axis", 1) != 1:
-            raise Blocked("Flatten at another axis than 1")
-        dims = self.dims.get(node.input[0])
-        if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims[2:]):
-            raise Blocked("Flatten of a tensor whose spatial size is unknown")
-        spatial = int(np.prod(dims[2:])) if len(dims) > 2 else 1
-        if is_output:
-            if slot.axis != 1 or slot.lo % spatial or slot.hi % spatial:
-                raise Blocked("Flatten's output is cut inside a channel")
-            return [(Slot(node.input[0], 1, slot.lo // spatial, slot.hi // spatial), width / spatial)]
-        if slot.axis != 1:
-            raise Blocked("Flatten merges that axis")
-        return [(Slot(node.output[0], 1, slot.lo * spatial, slot.hi * spatial), width * spatial)]
-
-    def _reshape(self, node, slot: Slot, width: Fraction, is_output: bool, reshapes) -> list:
-        """A reshape that keeps the axis, splits it into (outer, inner) or merges (outer, inner) into it,
-        with every dim before it unchanged."""
-        source, result = self.dims.get(node.input[0]), self.dims.get(node.output[0])
-        if source is None or result is None:
-            raise Blocked("Reshape whose shapes are unknown")
-        if is_output:
-            return self._reshape_back(node, slot, width, source, result)
-        a = slot.axis
-        for b in range(len(result) + 1):
-            if b < len(result) and result[b] == 1:
-                continue  # an axis of size 1 holds no group (dims of 1 make the products below ambiguous)
-            if list(result[:b]) != list(source[:a]) and not _same_product(result[:b], source[:a]):
-                continue
-            rest_in, rest_out = source[a + 1:], result[b + 1:] if b < len(result) else ()
-            d = source[a]
-            if b < len(result) and result[b] == d and _same_product(rest_in, rest_out):
-                if self._constant_target(node, b):
-                    reshapes.append((node, b, width, slot.lo, slot.hi))
-                return [(Slot(node.output[0], b, slot.lo, slot.hi), width)]
-            if b + 1 < len(result) and isinstance(d, int) and isinstance(result[b], int) and \
-                    isinstance(result[b + 1], int) and result[b] * result[b + 1] == d and \
-                    _same_product(rest_in, result[b + 2:]):  # split: [.., H * D] -> [.., H, D]
-                inner = result[b + 1]
-                if slot.lo % inner or slot.hi % inner:
-                    raise Blocked("Reshape splits the axis inside a unit")
-                self._reshaped = True
-                if self._constant_target(node, b):
-                    reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
-                return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
-            inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
-            if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
-                self._reshaped = True
-                if self._constant_target(node, b):
-                    reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
-                return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
-        raise Blocked("Reshape mixes the channel axis with others")
-
-    def _constant_target(self, node, b: int) -> bool:
-        """Whether the Reshape's (or Expand's) target entry at the channel axis is a constant that must
-        shrink with the group (-1 and 0, an Expand's 1, and the run-time size of a tensor of the group,
-        checked when the walk ends, follow by themselves)."""
-        entry = target_entry(node, b, self.view)
-        if entry is not None:
-            return entry[2] > 1
-        read = size_read(target_piece(node, b, self.view), self.view, self.dims)
-        if read is None:
-            raise Blocked(f"{node.op_type}'s target size at the channel axis is computed")
-        self._size_reads.append(read)
-        return False
-
-    def _reshape_back(self, node, slot: Slot, width: Fraction, source, result) -> list:
-        b = slot.axis
-        for a in range(len(source)):
-            if source[a] == 1:
-                continue  # an axis of size 1 holds no group: [2, 1, 4, 32] -> [2, 1, 128] merges axis 2, not 1
-            if not (list(source[:a]) == list(result[:b]) or _same_product(source[:a], result[:b])):
-                continue
-            d = result[b]
-            if source[a] == d and _same_product(source[a + 1:], result[b + 1:]):
-                return [(Slot(node.input[0], a, slot.lo, slot.hi), width)]
-            inner = _merged(source, a, source[a], d, result[b + 1:])
-            if inner:  # the output axis merges (H, D...): back to H
-                if slot.lo % inner or slot.hi % inner:
-                    raise Blocked("Reshape merges the axis inside a unit")
-                return [(Slot(node.input[0], a, slot.lo // inner, slot.hi // inner), width / inner)]
-            if b + 1 < len(result) and all(isinstance(x, int) for x in (d, source[a], result[b + 1])) and \
-                    d * result[b + 1] == source[a]:  # the output splits the input's axis: H of (H, D)
-                inner = result[b + 1]
-                return [(Slot(node.input[0], a, slot.lo * inner, slot.hi * inner), width * inner)]
-        raise Blocked("Reshape mixes the channel axis with others")
-
-    def _squeeze(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
-        axes = _axes(node, self.view)
-        if axes is None:
-            raise Blocked(f"{node.op_type} without constant axes")
-        if node.op_type == "Squeeze":
-            rank_in = self._rank(node.input[0])
-            axes = sorted(a % rank_in for a in axes)
-            kept = [i for i in range(rank_in) if i not in axes]
-        else:
-            rank_out = self._rank(node.output[0])
-            axes = sorted(a % rank_out for a in axes)
-            kept = [i for i in range(rank_out) if i not in axes]
-        if node.op_type == "Squeeze":
-            if is_output:
-                return [(Slot(node.input[0], kept[slot.axis], slot.lo, slot.hi), width)]
-            return [(Slot(node.output[0], kept.index(slot.axis), slot.lo, slot.hi), width)]
-        if is_output:
-            return [(Slot(node.input[0], kept.index(slot.axis), slot.lo, slot.hi), width)]
-        return [(Slot(node.output[0], kept[slot.axis], slot.lo, slot.hi), width)]
-
-    def _concat(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
-        rank = self._rank(node.output[0])
-        axis = attribute(node, "axis", 0) % rank
-        if slot.axis != axis:
-            return [(Slot(n, slot.axis, slot.lo, slot.hi), width) for n in [*node.input, *node.output]]
-        offsets, start = [], 0
-        for name in node.input:
-            size = self._dim(name, axis)
-            if not isinstance(size, int):
-                raise Blocked("Concat of inputs whose size is unknown")
-            offsets.append((name, start, start + size))
-            start += size
-        if is_output:
-            for name, lo, hi in offsets:
-                if lo <= slot.lo and slot.hi <= hi:
-                    return [(Slot(name, axis, slot.lo - lo, slot.hi - lo), width)]
-            raise Blocked("Concat's output is cut across its inputs")
-        lo = next(lo for name, lo, _ in offsets if name == slot.tensor)
-        return [(Slot(node.output[0], axis, lo + slot.lo, lo + slot.hi), width)]
-
-    def _split(self, node, slot: Slot, width: Fraction, is_output: bool) -> list:
-        """A Split along another axis passes the channels through; along theirs, each output is a range
-        of the input's axis (as a Concat's inputs are of its output), and its size shrinks with the group."""
-        rank = self._rank(node.input[0])
-        axis = attribute(node, "axis", 0) % rank
-        if slot.axis != axis:
-            return [(Slot(n, slot.axis, slot.lo, slot.hi), width) for n in [node.input[0], *node.output]]
-        sizes = split_sizes(node, self.view, self._dim(node.input[0], axis))
-        if sizes is None:
-            raise Blocked("Split of sizes unknown here")
-        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        if is_output:
-            i = list(node.output).index(slot.tensor)
-            self._splits.append((node, i, width, tuple(sizes)))
-            return [(Slot(node.input[0], axis, starts[i] + slot.lo, starts[i] + slot.hi), width)]
-        for i, (lo, hi) in enumerate(zip(starts, starts[1:])):
-            if lo <= slot.lo and slot.hi <= hi:
-                self._splits.append((node, i, width, tuple(sizes)))
-                return [(Slot(node.output[i], axis, slot.lo - lo, slot.hi - lo), width)]
-        seed = self._seed
-        if (slot.lo, slot.hi) == (seed.lo, seed.hi) and width == 1:  # the seed's own axis, cut into parts
-            raise SplitAcross([c - slot.lo for c in starts[1:-1] if slot.lo < c < slot.hi])
-        raise Blocked("Split cuts a unit of the group")
-
-
-def _axes(node: onnx.NodeProto, view: GraphView) -> list[int] | None:
-    if len(node.input) > 1 and node.input[1]:
-        value = view.constant(node.input[1])
-        return None if value is None else [int(v) for v in np.atleast_1d(value)]
-    axes = attribute(node, "axes", None)
-    return list(axes) if axes is not None else None
-
-
-def _merged(source, a: int, d, merged, rest_out) -> int | None:
-    """The product of the axes after `a` that a Reshape merges into axis a (size `d`) to make one axis of
-    size `merged`, followed by `rest_out`; None when it does not merge so. [N, C, H, W] -> [N, C * H * W]
-    merges H * W: channel c becomes the columns c * H * W ... (c + 1) * H * W - 1."""
-    if not isinstance(d, int) or not isinstance(merged, int):
-        return None
-    inner = 1
-    for k in range(a + 1, len(source)):
-        if not isinstance(source[k], int):
-            return None
-        inner *= source[k]
-        if d * inner == merged and _same_product(source[k + 1:], rest_out):
-            return inner
-    return None
-
-
-def _same_product(a, b) -> bool:
-    """Whether two lists of dims (ints or symbols) hold the same elements: equal leading or trailing
-    shapes across a reshape."""
-    ints_a = int(np.prod([d for d in a if isinstance(d, int)])) if a else 1
-    ints_b = int(np.prod([d for d in b if isinstance(d, int)])) if b else 1
-    symbols_a = sorted(str(d) for d in a if not isinstance(d, int))
-    symbols_b = sorted(str(d) for d in b if not isinstance(d, int))
-    return ints_a == ints_b and symbols_a == symbols_b and None not in a and None not in b

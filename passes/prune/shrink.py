@@ -9,6 +9,7 @@ graph records for the changed tensors and everything computed from them are clea
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -18,7 +19,7 @@ from onnx import numpy_helper
 from onnxopt.graph import GraphView, NameGenerator
 from onnxopt.opsets import default_opset
 
-from .groups import Group
+from .groups import Group, SliceBounds
 from .targets import target_piece
 
 
@@ -37,6 +38,8 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     target_edits: dict[tuple[int, int], list] = {}  # (Reshape or Expand, axis) -> [node, axis, how much smaller]
     changed_activations: set[str] = set()
     split_edits: dict[int, list] = {}  # Split -> [node, its new sizes]
+    removed_channels: dict[tuple[str, int], set[int]] = defaultdict(set)  # of activations, for Slices' bounds
+    slices: dict[int, SliceBounds] = {}
     for group, units in removals:
         if not units:
             continue
@@ -45,6 +48,9 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
                 deletions[(member.slot.tensor, member.slot.axis)].update(member.indices(units).tolist())
             else:
                 changed_activations.add(member.slot.tensor)
+                removed_channels[(member.slot.tensor, member.slot.axis)].update(member.indices(units).tolist())
+        for bounds in group.slices:
+            slices[id(here(bounds.node))] = dataclasses.replace(bounds, node=here(bounds.node))
         for target in group.reshapes:  # the groups of a Concat's inputs, or a fused projection's parts, add up
             key = (id(here(target.node)), target.axis)
             target_edits.setdefault(key, [here(target.node), target.axis, 0])[2] += len(units) * target.width
@@ -62,6 +68,7 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     _shrink_splits(model, split_edits)
+    _move_slice_bounds(graph, slices.values(), removed_channels)
     done: dict = {}  # the copies made so far: an entry two edits reach (through an expand guard) shrinks once
     for piece, fewer in _target_pieces(graph, view, list(target_edits.values())):
         _shrink_target(graph, view, piece, fewer, done)
@@ -109,6 +116,22 @@ def _shrink_splits(model: onnx.ModelProto, edits: dict[int, list]) -> None:
         node.input[1] = name
         for extra in [a for a in node.attribute if a.name == "num_outputs"]:
             node.attribute.remove(extra)
+
+
+def _move_slice_bounds(graph: onnx.GraphProto, slices, removed: dict[tuple[str, int], set[int]]) -> None:
+    """Each Slice of a pruned axis gets bounds of its own, moved by the channels removed before them
+    (an end at or past the axis' end stays: it still means "to the end")."""
+    names = NameGenerator(graph)
+    for bounds in slices:
+        node = bounds.node
+        gone = np.array(sorted(removed.get((node.input[0], bounds.axis), ())), dtype=np.int64)
+        moved = {1: bounds.start - int(np.sum(gone < bounds.start))}
+        if bounds.end < bounds.size:
+            moved[2] = bounds.end - int(np.sum(gone < bounds.end))
+        for index, value in moved.items():
+            name = names(f"{node.input[index]}_moved")
+            graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+            node.input[index] = name
 
 
 def _own_concat(graph: onnx.GraphProto, node: onnx.NodeProto, piece: tuple) -> tuple:
