@@ -14,7 +14,7 @@ import onnx
 
 from onnxopt.graph import GraphView, attribute
 
-from .targets import size_read, split_sizes, target_entry, target_piece
+from .targets import evaluated_ints, size_read, split_sizes, target_entry, target_piece
 from .units import Blocked, SliceBounds, Slot, SplitAcross
 
 
@@ -62,10 +62,12 @@ class LayoutRules:
         raise Blocked("Slice cuts a unit of the group")
 
     def _slice_range(self, node, position: int, size) -> tuple[int, int] | None:
-        """[start, end) of a Slice along one axis of size `size`, with constant bounds and step 1."""
+        """[start, end) of a Slice along one axis of size `size`, step 1: its bounds constant, or computed
+        from known dims (a plain export's chunk(); shrink writes them as constants then, the axis' size
+        being fixed by the weights)."""
         if len(node.input) < 3 or not isinstance(size, int):
             return None
-        starts, ends = self.view.constant(node.input[1]), self.view.constant(node.input[2])
+        starts, ends = (evaluated_ints(node.input[i], self.view, self.dims) for i in (1, 2))
         steps = self.view.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
         if starts is None or ends is None or (steps is not None and int(steps.reshape(-1)[position]) != 1):
             return None

@@ -68,7 +68,7 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
     for name, value in edited.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     _shrink_splits(model, split_edits)
-    _move_slice_bounds(graph, slices.values(), removed_channels)
+    _move_slice_bounds(graph, view, slices.values(), removed_channels)
     done: dict = {}  # the copies made so far: an entry two edits reach (through an expand guard) shrinks once
     for piece, fewer in _target_pieces(graph, view, list(target_edits.values())):
         _shrink_target(graph, view, piece, fewer, done)
@@ -118,15 +118,17 @@ def _shrink_splits(model: onnx.ModelProto, edits: dict[int, list]) -> None:
             node.attribute.remove(extra)
 
 
-def _move_slice_bounds(graph: onnx.GraphProto, slices, removed: dict[tuple[str, int], set[int]]) -> None:
+def _move_slice_bounds(graph: onnx.GraphProto, view: GraphView, slices, removed: dict[tuple[str, int], set[int]]
+                       ) -> None:
     """Each Slice of a pruned axis gets bounds of its own, moved by the channels removed before them
-    (an end at or past the axis' end stays: it still means "to the end")."""
+    (a constant end at or past the axis' end stays: it still means "to the end")."""
     names = NameGenerator(graph)
     for bounds in slices:
         node = bounds.node
         gone = np.array(sorted(removed.get((node.input[0], bounds.axis), ())), dtype=np.int64)
         moved = {1: bounds.start - int(np.sum(gone < bounds.start))}
-        if bounds.end < bounds.size:
+        computed_end = view.constant(node.input[2]) is None  # computed bounds become constants too
+        if bounds.end < bounds.size or computed_end:
             moved[2] = bounds.end - int(np.sum(gone < bounds.end))
         for index, value in moved.items():
             name = names(f"{node.input[index]}_moved")

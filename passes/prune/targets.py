@@ -142,3 +142,44 @@ def size_read(found: tuple[onnx.NodeProto, int, str, int] | None, view: GraphVie
     if end is not None and end != k + 1 and not (rank is not None and k == rank - 1 and end >= rank):
         return None
     return shape.input[0], k
+
+
+def evaluated_ints(name: str, view: GraphView, dims: dict, depth: int = 0) -> np.ndarray | None:
+    """The value of a small integer tensor computed from known dims: Shape of a tensor whose dims are
+    known, Gather and Slice of it, elementwise arithmetic, Unsqueeze, Squeeze, Cast, Concat (a plain
+    export's chunk() bounds, (x.size(-1) + 1) // 2); None when it depends on anything else."""
+    value = view.constant(name)
+    if value is not None:
+        return value if value.dtype.kind in "iu" and value.size <= 8 else None
+    node = view.producer.get(name)
+    if node is None or depth > 12:
+        return None
+    if node.op_type == "Shape":
+        shape = dims.get(node.input[0])
+        if shape is None:
+            return None
+        shape = shape[attribute(node, "start", 0):attribute(node, "end", len(shape))]
+        return np.array(shape, np.int64) if all(isinstance(d, int) for d in shape) else None
+    inputs = [evaluated_ints(n, view, dims, depth + 1) if n else None for n in node.input]
+    if node.op_type == "Gather" and inputs[1] is not None and attribute(node, "axis", 0) == 0:
+        shape = view.producer.get(node.input[0])
+        if inputs[0] is None and shape is not None and shape.op_type == "Shape":  # one known dim of a shape
+            known = dims.get(shape.input[0])
+            index = int(inputs[1].reshape(-1)[0]) if inputs[1].size == 1 else None
+            if known is None or index is None or attribute(shape, "start", 0) or attribute(shape, "end", None):
+                return None
+            dim = known[index] if -len(known) <= index < len(known) else None
+            return np.array(dim, np.int64).reshape(inputs[1].shape) if isinstance(dim, int) else None
+        return None if inputs[0] is None else np.take(inputs[0], inputs[1])
+    if any(v is None for v, n in zip(inputs, node.input) if n):
+        return None
+    arithmetic = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
+    if node.op_type in arithmetic:
+        return arithmetic[node.op_type](inputs[0], inputs[1]).astype(np.int64)
+    if node.op_type in ("Cast", "Identity"):
+        return inputs[0].astype(np.int64)
+    if node.op_type in ("Unsqueeze", "Squeeze", "Reshape"):
+        return inputs[0].reshape(-1) if node.op_type != "Squeeze" or inputs[0].size == 1 else None
+    if node.op_type == "Concat":
+        return np.concatenate([v.reshape(-1) for v in inputs])
+    return None
