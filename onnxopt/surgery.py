@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphView, subgraph_inputs
+from .graph import GraphView, NameGenerator, subgraph_inputs
 
 
 def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
@@ -89,8 +89,6 @@ def unshare_vectors(graph: onnx.GraphProto) -> int:
     equal vectors are common where nothing set them apart (zero biases, unit LayerNorm scales of a
     freshly initialized or never-trained layer): shared, they would tie channels that have nothing
     to do with each other. Matrices stay shared: a tie between two of them is real (tied embeddings)."""
-    from .graph import NameGenerator
-
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in dict.fromkeys(node.input):

@@ -119,16 +119,13 @@ def fold_static_shapes(model: onnx.ModelProto) -> int:
         if node.domain not in ("", "ai.onnx"):
             continue
         value = None
-        if node.op_type in ("Shape", "Size"):
+        if node.op_type == "Shape":
+            known = _shape_dims(node, dims)
+            value = known if known is not None and np.all(known >= 0) else None
+        elif node.op_type == "Size":
             shape = dims.get(node.input[0])
-            if shape is None:
-                continue
-            if node.op_type == "Shape":
-                attrs = {a.name: a.i for a in node.attribute}
-                shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
-            if all(d is not None for d in shape):
-                value = (np.array(shape, dtype=np.int64) if node.op_type == "Shape"
-                         else np.array(int(np.prod(shape)), dtype=np.int64))
+            if shape is not None and all(d is not None for d in shape):
+                value = np.array(int(np.prod(shape)), dtype=np.int64)
         elif node.op_type == "Gather":
             value = _gathered_static_dims(node, view, dims)
         elif node.op_type == "Slice":
@@ -147,12 +144,9 @@ def _sliced_static_dims(node: onnx.NodeProto, view: GraphView, dims) -> np.ndarr
     bounds = [view.constant(name) if name else None for name in node.input[1:]]
     if any(b is None for b in bounds[:2]) or any(b is None for b, name in zip(bounds, node.input[1:]) if name):
         return None
-    attrs = {a.name: a.i for a in shape_node.attribute}
-    shape = dims.get(shape_node.input[0])
-    if shape is None:
+    known = _shape_dims(shape_node, dims)
+    if known is None:
         return None
-    shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
-    known = np.array([-1 if d is None else d for d in shape], dtype=np.int64)
     starts, ends = bounds[0].reshape(-1), bounds[1].reshape(-1)
     axes = bounds[2].reshape(-1) if len(bounds) > 2 and bounds[2] is not None else np.zeros(1, np.int64)
     steps = bounds[3].reshape(-1) if len(bounds) > 3 and bounds[3] is not None else np.ones(1, np.int64)
@@ -167,13 +161,22 @@ def _gathered_static_dims(node: onnx.NodeProto, view: GraphView, dims) -> np.nda
     indices = view.constant(node.input[1])
     if shape_node is None or shape_node.op_type != "Shape" or indices is None or any(a.i for a in node.attribute):
         return None
-    attrs = {a.name: a.i for a in shape_node.attribute}
+    known = _shape_dims(shape_node, dims)
+    if known is None:
+        return None
+    picked = np.take(known, indices)
+    return picked if np.all(picked >= 0) else None
+
+
+def _shape_dims(shape_node: onnx.NodeProto, dims) -> np.ndarray | None:
+    """What a Shape node returns, as far as `dims` knows it: -1 for a dynamic dim; None when its
+    input's rank is unknown."""
     shape = dims.get(shape_node.input[0])
     if shape is None:
         return None
+    attrs = {a.name: a.i for a in shape_node.attribute}
     shape = shape[slice(attrs.get("start", 0), attrs.get("end", len(shape)))]
-    picked = np.take(np.array([-1 if d is None else d for d in shape], dtype=np.int64), indices)
-    return picked if np.all(picked >= 0) else None
+    return np.array([-1 if d is None else d for d in shape], dtype=np.int64)
 
 
 def reshape_copies_of_input_dims(model: onnx.ModelProto) -> int:
