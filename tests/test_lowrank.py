@@ -290,12 +290,17 @@ def test_minilm_ffn_at_half_its_weights_whitened_beats_plain_svd(minilm_model):
 
     feeds = minilm.evaluation_feeds(48)
     reference = minilm.embed(ort_run(onnx.load(str(minilm_model)), feeds)[0], feeds["attention_mask"])
-    cosines = {}
-    for method in ("svd", "whitened"):
+    cosines, metrics = {}, {}
+    for method in ("svd", "whitened", "whitened,output_aware=false"):
         out, report = onnxopt.optimize(str(minilm_model), f"fold,fuse,lowrank:ratio=0.5,method={method},samples=160,"
                                        "exclude=.*attention.*,keep_if_slower=false",
                                        calib=str(minilm.calibration_npz()), compare=False)
         assert report.passes[-1]["counts"]["matrices factored"] == 12
+        metrics[method] = report.passes[-1]["details"]["output_aware"]
         emb = minilm.embed(ort_run(out, feeds)[0], feeds["attention_mask"])
         cosines[method] = float(np.mean(np.sum(emb * reference, axis=1)))
     assert cosines["whitened"] > cosines["svd"] + 0.1 and cosines["whitened"] > 0.8, cosines
+    # every FFN matrix gets an output metric (6 up-projections into GELU, 6 down-projections into a
+    # LayerNorm), and it pays on the model's own outputs
+    assert metrics == {"svd": 0, "whitened": 12, "whitened,output_aware=false": 0}
+    assert cosines["whitened"] > cosines["whitened,output_aware=false"], cosines

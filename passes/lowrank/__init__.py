@@ -3,7 +3,8 @@ becomes two thinner layers x @ A @ B at rank r (a KxK Conv: KxK to r channels, t
 has fewer weights and runs faster.
 
 `factor.py` finds the layers, decomposes each weight once (whitened by its inputs' Gram matrix on
-the representative data by default; plain SVD without data) and rewrites the graph; `pays.py` times
+the representative data by default, and on the output side by what the output costs downstream:
+`downstream.py`; plain SVD without data) and rewrites the graph; `pays.py` times
 a layer dense against factored. The rank comes from `ratio` (parameters kept), `rank`, `energy`
 (of the whitened spectrum) or, by default, the error budget (`onnxopt.budget`): each matrix gets the
 lowest rank among `levels` that keeps the outputs within `max_error`, matrices differing as they do
@@ -28,6 +29,7 @@ from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers, remove_unused_initializers
 
 from .compensate import compensate
+from .downstream import output_metrics
 from .factor import Decomposition, Layer, decompose, eligible, factor_in_place
 from .pays import BreakEven
 from .refit import paired_grams, second_factor
@@ -53,6 +55,9 @@ class LowRankOptions:
     method: Optional[Literal["whitened", "asvd", "svd"]] = option(
         None, "whitened: truncated SVD whitened by the inputs' Gram matrix (default with data); asvd: input "
               "channels scaled by their RMS^0.5; svd: plain SVD of the weight (default without data)")
+    output_aware: bool = option(True, "method=whitened: weigh each matrix's truncation error by what its output "
+                                      "costs downstream: the scales of the LayerNorm it reaches, or the next MatMul "
+                                      "through an activation (see downstream.py)")
     refit: bool = option(False, "refit each second factor by least squares on the factored model's own inputs "
                                 "(one more pass over the data; measured worse on MiniLM, see docs/lowrank.md)")
     ops: str = option("MatMul;Gemm;Conv", "layer types to factor (Conv: 2-D, ungrouped), ';'-separated")
@@ -130,7 +135,9 @@ class LowRank(Pass):
         # with the error budget, its check's samples stay out of the statistics the factors are fit on
         fitted = budget.without_check(batches) if budgeted and batches is not None else batches
         stats = _stats(model, layers, fitted, ctx, gram=method == "whitened") if method != "svd" else {}
-        decompositions = [decompose(layer, stats.get(i), method)
+        metrics = (output_metrics(model, view, layers, fitted, ctx.progress)
+                   if method == "whitened" and options.output_aware else {})
+        decompositions = [decompose(layer, stats.get(i), method, metrics.get(i))
                           for i, layer in enumerate(ctx.progress(layers, "factoring", "matrix"))]
         if options.rank is not None and all(options.rank > min(layer.matrix.shape) for layer in layers):
             raise OnnxoptError(f"lowrank: rank={options.rank} is larger than every matrix allows (the largest "
@@ -150,7 +157,7 @@ class LowRank(Pass):
             remove_unused_initializers(result.graph)
             return result
 
-        details: dict = {"method": method}
+        details: dict = {"method": method, "output_aware": len(metrics)}
         if not wanted:
             return PassResult(model, changed=False, skipped=skipped[:40], notes=notes, details=details)
         if budgeted:

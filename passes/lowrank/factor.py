@@ -144,17 +144,25 @@ class Decomposition:
         return int(np.searchsorted(cumulative, energy * cumulative[-1]) + 1)
 
 
-def decompose(layer: Layer, stats: LayerInputStats | None, method: str) -> Decomposition:
+def decompose(layer: Layer, stats: LayerInputStats | None, method: str,
+              right: np.ndarray | None = None) -> Decomposition:
+    """`right` (method=whitened): the output metric's factor R (`downstream.py`), a vector for a
+    diagonal one; the truncation then minimizes ||L^T (W - A B) R|| instead of ||L^T (W - A B)||."""
     w = layer.matrix.astype(np.float64)
     if method == "whitened" and stats is not None and stats.gram is not None and stats.count:
         mean = stats.sums / stats.count
         h = stats.gram / stats.count - np.outer(mean, mean)  # the covariance: the mean goes to the bias
         h = h + WHITEN_RIDGE * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(len(h))
         chol = np.linalg.cholesky(h)  # h = chol @ chol.T
+        if right is not None:
+            w = w * right[None, :] if right.ndim == 1 else w @ right
         u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
         root = np.sqrt(s)
         left = np.linalg.solve(chol.T, u * root)
-        return Decomposition(left, root[:, None] * vt, s, mean)
+        second = root[:, None] * vt
+        if right is not None:  # back from the weighted outputs: B = B' R^-1
+            second = second / right[None, :] if right.ndim == 1 else np.linalg.solve(right.T, second.T).T
+        return Decomposition(left, second, s, mean)
     scale = np.ones(len(w))
     if method in ("whitened", "asvd") and stats is not None and stats.count:
         rms = np.sqrt(stats.channel_sumsq / stats.count)
