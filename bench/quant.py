@@ -16,7 +16,8 @@ process (bench/_quant_child.py): its wall time (calibration + quantization) and 
 tool's own; onnxopt gets a cold calibration cache. Then, in this process, all candidates and fp32 are timed alternately (round robin, shuffled
 each round) with ORT on the CPU at batch 1 and 8, with 1 and 2 intra-op threads; ratios are fp32
 median / candidate median (> 1 is faster). The row "fp32, 2nd session" is the fp32 file in a second
-session, timed like a candidate: how far it strays from 1.00x is this run's timing noise. Accuracy:
+session, timed like a candidate: the ratios divide the faster of the two fp32 sessions (since the
+eighth session of 2026-12-06; earlier runs divided the first), and how far the slower strays from 1.00x is this run's timing noise. Accuracy:
 MiniLM, mean cosine of mean-pooled L2-normalised embeddings to fp32 and nearest-neighbour agreement
 on 300 other sentences; digits, held-out top-1; ResNet, top-1 agreement with fp32 on 64 other
 random-normal images. ORT's static quantizer runs after quant_pre_process when that succeeds
@@ -190,6 +191,16 @@ def _inputs(s: ort.InferenceSession) -> set[str]:
     return {i.name for i in s.get_inputs()}
 
 
+def reference(rows: dict, base: str = "fp32", second: str = NOISE_ROW) -> dict[str, float]:
+    """What every latency ratio divides: per timing, the faster of the input's two sessions (`base` and
+    `second`, the same file). The session built first sometimes runs slower than a second one on the
+    same file (1.08x on MiniLM, up to 1.20x on the decoder on 2026-12-06), which would flatter every
+    candidate; the faster of the two only makes the ratios conservative, and the rows of both still
+    show how far apart they were."""
+    first, other = rows[base]["timing"], (rows.get(second) or {}).get("timing") or {}
+    return {k: min(v, other.get(k, v)) for k, v in first.items()}
+
+
 def measure(paths: dict[str, str], feeds: dict, rounds: tuple[int, ...], thread_counts=(1, 2),
             batches: tuple[int, ...] = (1, 8)) -> dict:
     """{candidate: {"b1_1t": ms, ...}}, every candidate timed in the same rounds, in an order shuffled
@@ -253,7 +264,7 @@ def run_model(name: str, quick: bool, workdir: Path) -> dict:
 
 
 def print_table(name: str, rows: dict) -> None:
-    base = rows["fp32"]["timing"]
+    base = reference(rows)
     keys = [k for k in ("b1_1t", "b8_1t", "b1_2t", "b8_2t") if k in base]
     metrics = list(rows["fp32"]["accuracy"])
     header = ["candidate", "quant s", "peak MB", "size MB"] + [k.replace("_", " ") for k in keys] + metrics
@@ -269,7 +280,7 @@ def print_table(name: str, rows: dict) -> None:
         cells += [f"{row['accuracy'][m]:.4f}" for m in metrics]
         lines.append(cells)
     widths = [max(len(str(r[i])) for r in lines + [header]) for i in range(len(header))]
-    print(f"\n{name}: fp32 " + ", ".join(f"{k} {base[k]:.2f} ms" for k in keys))
+    print(f"\n{name}: fp32 (the faster of its two sessions) " + ", ".join(f"{k} {base[k]:.2f} ms" for k in keys))
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))
     for r in lines:
@@ -287,7 +298,7 @@ def targets(results: dict) -> list[str]:
         out.append(f"{'PASS' if ok else 'FAIL'}  {label}: {value}")
 
     if "minilm" in results and not results["minilm"]["onnxopt"].get("error"):
-        r, base = results["minilm"]["onnxopt"], results["minilm"]["fp32"]["timing"]
+        r, base = results["minilm"]["onnxopt"], reference(results["minilm"])
         speed = {k: base[k] / r["timing"][k] for k in base}
         check("MiniLM >= 2.5x at b8, 1 thread", speed["b8_1t"] >= 2.5, f"{speed['b8_1t']:.2f}x")
         check("MiniLM >= 2.3x at b1, 1 thread", speed["b1_1t"] >= 2.3, f"{speed['b1_1t']:.2f}x")
@@ -307,13 +318,13 @@ def targets(results: dict) -> list[str]:
         r, fp = results["digits"]["onnxopt"], results["digits"]["fp32"]
         drop = (fp["accuracy"]["top1"] - r["accuracy"]["top1"]) * 100
         check("digits top-1 within 0.5 points", drop <= 0.5, f"{drop:+.2f} points")
-        slowest = min(fp["timing"][k] / r["timing"][k] for k in fp["timing"])
+        slowest = min(reference(results["digits"])[k] / r["timing"][k] for k in fp["timing"])
         noise = results["digits"][NOISE_ROW]["timing"]
         noise_low = min(fp["timing"][k] / noise[k] for k in fp["timing"])
         check("digits never slower than fp32 (b1/b8 x 1/2 threads)", slowest >= min(0.97, noise_low),
               f"slowest {slowest:.2f}x; fp32 against itself read {noise_low:.2f}x at worst in this run")
     if "resnet" in results and not results["resnet"]["onnxopt"].get("error"):
-        r, base = results["resnet"]["onnxopt"], results["resnet"]["fp32"]["timing"]
+        r, base = results["resnet"]["onnxopt"], reference(results["resnet"])
         check("ResNet >= 3.4x at b8, 1 thread", base["b8_1t"] / r["timing"]["b8_1t"] >= 3.4,
               f"{base['b8_1t'] / r['timing']['b8_1t']:.2f}x")
         check("ResNet top-1 agreement >= 97%", r["accuracy"]["top1_agreement"] >= 0.97,
