@@ -124,3 +124,26 @@ def test_a_weight_of_true_rank_stays_exact_with_the_metric():
                                 compare=False)
     want, got = ort_run(model, {"x": x})[0], ort_run(exact, {"x": x})[0]
     assert float(np.abs(got - want).max()) < 1e-4
+
+
+def test_moments_are_accumulated_in_bounded_chunks_and_wide_outputs_are_left_to_the_input_whitening(monkeypatch):
+    """Two FFN blocks: with room for one moment at a time they are measured in two passes, alike; an
+    output wider than MAX_PATH_WIDTH gets no activation metric (an LLM's N x N would not fit)."""
+    import onnxopt.passes.lowrank.downstream as downstream
+
+    first, second = ffn_block(), ffn_block()
+    onnx.compose.add_prefix(second, "b_", inplace=True)
+    model = onnx.compose.merge_models(first, second, io_map=[("y", "b_x")])
+    view, index, layers = layers_of(model)
+    batches = [{"x": inputs(128)}]
+    together = output_metrics(model, view, layers, batches, lambda it, *a: it)
+    monkeypatch.setattr(downstream, "METRIC_BYTES", 8 * HIDDEN ** 2)
+    paths = {index["up"]: downstream._activation_path(view, "z", HIDDEN),
+             index["b_up"]: downstream._activation_path(view, "b_z", HIDDEN)}
+    assert len(downstream._chunks(paths)) == 2
+    apart = output_metrics(model, view, layers, batches, lambda it, *a: it)
+    assert together.keys() == apart.keys() and len(apart) == 4
+    assert all(np.allclose(together[i], apart[i]) for i in apart)
+    monkeypatch.setattr(downstream, "MAX_PATH_WIDTH", HIDDEN - 1)
+    narrow = output_metrics(model, view, layers, batches, lambda it, *a: it)
+    assert index["up"] not in narrow and index["down"] in narrow

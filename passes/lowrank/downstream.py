@@ -40,6 +40,10 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Tanh", 
 NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"}
 GAMMA_FLOOR = 0.1  # of the gammas' RMS: a channel the norm all but drops still counts a little
 METRIC_RIDGE = 0.1  # of M's mean diagonal: keeps R invertible (V G V^T has rank <= V's width)
+# An activation path's metric is N x N: wider outputs (an LLM's 11008-wide FFN) keep the input
+# whitening alone, and the moments are accumulated a few hundred MB at a time.
+MAX_PATH_WIDTH = 4096
+METRIC_BYTES = 256 * 2**20
 METRIC_SAMPLES = 256  # a weighting, coarser than the factors' own statistics: fewer samples do
 STEP = 1e-2  # central differences of the activation, relative to max(|z|, 1)
 
@@ -64,21 +68,36 @@ def output_metrics(model: onnx.ModelProto, view: GraphView, layers: list[Layer],
     for i, layer in enumerate(layers):
         if len(layer.nodes) != 1 or layer.nodes[0].op_type not in ("MatMul", "Gemm"):
             continue
-        out = _after_bias(view, layer.nodes[0].output[0])
-        path = _activation_path(view, out, layer.matrix.shape[1])
+        out, width = _after_bias(view, layer.nodes[0].output[0]), layer.matrix.shape[1]
+        path = _activation_path(view, out, layer.matrix.shape[1]) if width <= MAX_PATH_WIDTH else None
         if path is not None:
             paths[i] = path
-        elif (gamma := _norm_gamma(view, out, layer.matrix.shape[1])) is not None:
+        elif (gamma := _norm_gamma(view, out, width)) is not None:
             metrics[i] = _floored(gamma)
-    if paths and batches is not None:
-        for i, moment in _derivative_moments(model, paths, batches, progress).items():
-            v = paths[i].weight.astype(np.float64)
-            if paths[i].gamma is not None:
-                v = v * _floored(paths[i].gamma)[None, :]
+    if batches is None:
+        return metrics
+    for chunk in _chunks(paths):  # moments of at most METRIC_BYTES at a time, one pass over the data each
+        for i, moment in _derivative_moments(model, chunk, batches, progress).items():
+            v = chunk[i].weight.astype(np.float64)
+            if chunk[i].gamma is not None:
+                v = v * _floored(chunk[i].gamma)[None, :]
             m = moment * (v @ v.T)
             m += METRIC_RIDGE * max(float(np.mean(np.diag(m))), 1e-12) * np.eye(len(m))
-            metrics[i] = np.linalg.cholesky(m)
+            metrics[i] = np.linalg.cholesky(m).astype(np.float32)
     return metrics
+
+
+def _chunks(paths: dict[int, ActivationPath]) -> list[dict[int, ActivationPath]]:
+    chunks: list[dict[int, ActivationPath]] = []
+    used = METRIC_BYTES
+    for i, path in paths.items():
+        size = 8 * path.weight.shape[0] ** 2
+        if used + size > METRIC_BYTES:
+            chunks.append({})
+            used = 0
+        chunks[-1][i] = path
+        used += size
+    return chunks
 
 
 def _floored(gamma: np.ndarray) -> np.ndarray:
