@@ -147,3 +147,32 @@ def test_moments_are_accumulated_in_bounded_chunks_and_wide_outputs_are_left_to_
     monkeypatch.setattr(downstream, "MAX_PATH_WIDTH", HIDDEN - 1)
     narrow = output_metrics(model, view, layers, batches, lambda it, *a: it)
     assert index["up"] not in narrow and index["down"] in narrow
+
+
+def ort_fused_ffn_block() -> onnx.ModelProto:
+    """The same block as ONNX Runtime's transformer optimizer writes it: BiasGelu, then the down
+    projection into a SkipLayerNormalization that adds the bias and the residual itself."""
+    plain = ffn_block()
+    inits = {t.name: t for t in plain.graph.initializer if t.name in ("W1", "b1", "W2", "b2", "gamma", "beta")}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"], name="up"),
+             helper.make_node("BiasGelu", ["h0", "b1"], ["a"], domain="com.microsoft"),
+             helper.make_node("MatMul", ["a", "W2"], ["o0"], name="down"),
+             helper.make_node("SkipLayerNormalization", ["o0", "x", "gamma", "beta", "b2"], ["y"],
+                              domain="com.microsoft", epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "ffn_fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])], list(inits.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_ort_fused_forms_bias_gelu_and_skip_layer_norm_get_their_metrics():
+    model, x = ort_fused_ffn_block(), inputs(2048)
+    view, index, layers = layers_of(model)
+    metrics = output_metrics(model, view, layers, [{"x": x[:256]}], lambda it, *a: it)
+    assert metrics[index["up"]].shape == (HIDDEN, HIDDEN) and metrics[index["down"]].shape == (D,)
+    errors = {}
+    for aware in ("true", "false"):
+        factored, _ = onnxopt.optimize(model, f"lowrank:rank=20,output_aware={aware},keep_if_slower=false",
+                                       calib={"x": x[:1024]}, compare=False)
+        want, got = ort_run(model, {"x": x[1024:]})[0], ort_run(factored, {"x": x[1024:]})[0]
+        errors[aware] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert errors["true"] < 0.75 * errors["false"], errors

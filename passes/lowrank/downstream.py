@@ -4,11 +4,12 @@ Whitening by the inputs' Gram matrix makes a truncation optimal for the error of
 output, every output channel counting alike. They do not count alike downstream, and two paths that
 transformers take everywhere say by how much:
 
-- **into a normalization**: the output reaches a LayerNormalization through its bias and a residual
-  Add, and the norm scales channel j by gamma_j. An error in a channel whose gamma is near zero
+- **into a normalization**: the output reaches a LayerNormalization (or an RMS norm) through its bias
+  and a residual Add, or ONNX Runtime's fused SkipLayerNormalization that adds both itself, and the
+  norm scales channel j by gamma_j. An error in a channel whose gamma is near zero
   costs nothing; the output metric is diag(gamma^2) (floored, so that no channel is free).
 - **through an activation into the next matrix**: the output goes through element-wise ops
-  (GELU's Erf form, SiLU, ReLU, a gate's product...) into a MatMul with a constant weight V, as an
+  (GELU's Erf form, SiLU, ReLU, a gate's product, ORT's BiasGelu...) into a MatMul with a constant weight V, as an
   FFN's up-projection does. Linearized, an output error e reaches V's output as (f'(z) * e) @ V,
   whose expected squared norm is e^T M e with M = E[f' f'^T] * (V G V^T) (* element-wise; G: V's
   own metric by the first rule). f' is measured on the representative data, by central differences
@@ -37,7 +38,12 @@ from .factor import Layer
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Tanh", "Sigmoid", "Relu",
                "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
                "Mish", "Neg", "Abs", "Clip", "Identity", "Cast"}
-NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"}
+# ONNX Runtime's fused forms, as its transformer optimizer writes them (com.microsoft).
+CONTRIB_ELEMENTWISE = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
+# The norms that scale channel j by gamma_j, with gamma's input index; "Skip" forms add the residual
+# themselves (input 0 or 1 is the layer's output).
+NORMS = {"LayerNormalization": 1, "SimplifiedLayerNormalization": 1, "RMSNormalization": 1}
+SKIP_NORMS = {"SkipLayerNormalization": 2, "SkipSimplifiedLayerNormalization": 2}
 GAMMA_FLOOR = 0.1  # of the gammas' RMS: a channel the norm all but drops still counts a little
 METRIC_RIDGE = 0.1  # of M's mean diagonal: keeps R invertible (V G V^T has rank <= V's width)
 # An activation path's metric is N x N: wider outputs (an LLM's 11008-wide FFN) keep the input
@@ -112,18 +118,24 @@ def _after_bias(view: GraphView, output: str) -> str:
 
 
 def _norm_gamma(view: GraphView, output: str, width: int) -> np.ndarray | None:
-    """The scale of the norm that `output` reaches through a residual Add, if it does."""
-    add = view.single_consumer(output)
-    if add is None or add.op_type not in ("Add", "Sum"):
+    """The scale of the norm that `output` reaches through a residual Add (or a Skip norm's own), if it does."""
+    reader = view.single_consumer(output)
+    if reader is not None and reader.op_type in SKIP_NORMS and output in reader.input[:2]:
+        return _gamma(view, reader, SKIP_NORMS[reader.op_type], width)
+    if reader is None or reader.op_type not in ("Add", "Sum"):
         return None
-    if add.op_type == "Add" and any(view.is_constant(n) for n in add.input):
+    if reader.op_type == "Add" and any(view.is_constant(n) for n in reader.input):
         return None
-    for norm in view.consumers.get(add.output[0], []):
-        if norm.op_type in NORMS and norm.input[0] == add.output[0] and len(norm.input) > 1:
-            gamma = view.constant(norm.input[1])
-            if gamma is not None and gamma.shape == (width,):
+    for norm in view.consumers.get(reader.output[0], []):
+        if norm.op_type in NORMS and norm.input[0] == reader.output[0]:
+            if (gamma := _gamma(view, norm, NORMS[norm.op_type], width)) is not None:
                 return gamma
     return None
+
+
+def _gamma(view: GraphView, norm: onnx.NodeProto, index: int, width: int) -> np.ndarray | None:
+    gamma = view.constant(norm.input[index]) if len(norm.input) > index and norm.input[index] else None
+    return gamma if gamma is not None and gamma.shape == (width,) else None
 
 
 def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath | None:
@@ -141,7 +153,8 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
                 if end not in (None, node):
                     return None
                 end = node
-            elif node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx"):
+            elif ((node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx"))
+                  or (node.op_type in CONTRIB_ELEMENTWISE and node.domain == "com.microsoft")):
                 if id(node) in seen:
                     continue
                 seen.add(id(node))
