@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.graph import GraphView
-from onnxopt.passes.lowrank.downstream import _derivative_moments, output_metrics
+from onnxopt.passes.lowrank.downstream import _activation_path, _derivative_moments, output_metrics
 from onnxopt.passes.lowrank.factor import eligible
 
 RNG = np.random.default_rng(7)
@@ -74,7 +74,6 @@ def test_the_measured_derivative_is_the_activations():
     model = ffn_block("relu")
     view, index, layers = layers_of(model)
     x = inputs(512)
-    from onnxopt.passes.lowrank.downstream import _activation_path
 
     path = _activation_path(view, "z", HIDDEN)
     assert path is not None and [n.op_type for n in path.nodes] == ["Relu"] and path.gamma is not None
@@ -176,3 +175,23 @@ def test_ort_fused_forms_bias_gelu_and_skip_layer_norm_get_their_metrics():
         want, got = ort_run(model, {"x": x[1024:]})[0], ort_run(factored, {"x": x[1024:]})[0]
         errors[aware] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert errors["true"] < 0.75 * errors["false"], errors
+
+
+def test_a_classifier_of_gemms_gets_the_metric_of_the_next_gemm_as_it_multiplies():
+    """Gemm -> Relu -> Gemm(transB, alpha), as CNN heads and exported Linear layers are: V is B^T * alpha."""
+    b1 = RNG.standard_normal((HIDDEN, D)).astype(np.float32)
+    b2 = RNG.standard_normal((10, HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "B1"], ["z"], name="fc1", transB=1),
+             helper.make_node("Relu", ["z"], ["a"]),
+             helper.make_node("Gemm", ["a", "B2"], ["y"], name="fc2", transB=1, alpha=0.5)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+                              [numpy_helper.from_array(b1, "B1"), numpy_helper.from_array(b2, "B2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    view = GraphView(model.graph, model.ir_version)
+
+    path = _activation_path(view, "z", HIDDEN)
+    assert path is not None and path.gamma is None and np.allclose(path.weight, b2.T * 0.5)
+    layers, _ = eligible(model, view, {"Gemm"})
+    metrics = output_metrics(model, view, layers, [{"x": inputs(256)}], lambda it, *a: it)
+    assert list(metrics) == [0] and metrics[0].shape == (HIDDEN, HIDDEN)

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper
 
 from onnxopt.fetch import fetching_session
-from onnxopt.graph import GraphView
+from onnxopt.graph import GraphView, attribute
 from onnxopt.runtime import make_session
 
 from .factor import Layer
@@ -61,7 +61,7 @@ class ActivationPath:
     end: str
     nodes: list[onnx.NodeProto]
     external: list[str]  # non-constant inputs of `nodes` computed elsewhere (a gate's other half)
-    weight: np.ndarray  # V [N, P] of the consumer MatMul
+    weight: np.ndarray  # V [N, P] of the consumer MatMul or Gemm
     gamma: np.ndarray | None  # the metric diagonal at V's output, if it reaches a norm
 
 
@@ -75,7 +75,7 @@ def output_metrics(model: onnx.ModelProto, view: GraphView, layers: list[Layer],
         if len(layer.nodes) != 1 or layer.nodes[0].op_type not in ("MatMul", "Gemm"):
             continue
         out, width = _after_bias(view, layer.nodes[0].output[0]), layer.matrix.shape[1]
-        path = _activation_path(view, out, layer.matrix.shape[1]) if width <= MAX_PATH_WIDTH else None
+        path = _activation_path(view, out, width) if width <= MAX_PATH_WIDTH else None
         if path is not None:
             paths[i] = path
         elif (gamma := _norm_gamma(view, out, width)) is not None:
@@ -149,7 +149,7 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
         if name in view.graph_outputs:
             return None
         for node in view.consumers.get(name, []):
-            if node.op_type == "MatMul" and node.input[0] == name and view.is_constant(node.input[1]):
+            if _reads_as_matmul(view, node, name):
                 if end not in (None, node):
                     return None
                 end = node
@@ -167,7 +167,7 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
             return None
     if end is None or not nodes:
         return None
-    weight = view.constant(end.input[1])
+    weight = _consumer_matrix(view, end)
     if weight is None or weight.ndim != 2 or weight.shape[0] != width:
         return None
     for node in nodes:  # constants must not broadcast the path's values to another shape
@@ -181,6 +181,22 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
                 if n and n not in reached and not view.is_constant(n)]
     gamma = _norm_gamma(view, _after_bias(view, end.output[0]), weight.shape[1])
     return ActivationPath(start, end.input[0], nodes, list(dict.fromkeys(external)), weight, gamma)
+
+
+def _reads_as_matmul(view: GraphView, node: onnx.NodeProto, name: str) -> bool:
+    """`node` computes `name` @ V with a constant V: a MatMul, or a Gemm without transA."""
+    if node.op_type not in ("MatMul", "Gemm") or node.input[0] != name or not view.is_constant(node.input[1]):
+        return False
+    return node.op_type == "MatMul" or not attribute(node, "transA", 0)
+
+
+def _consumer_matrix(view: GraphView, node: onnx.NodeProto) -> np.ndarray | None:
+    """V [N, P] as `node` multiplies by it (a Gemm's transB and alpha folded in)."""
+    weight = view.constant(node.input[1])
+    if weight is None or node.op_type == "MatMul" or weight.ndim != 2:
+        return weight
+    weight = weight.T if attribute(node, "transB", 0) else weight
+    return weight * np.float32(attribute(node, "alpha", 1.0))
 
 
 def _derivative_moments(model: onnx.ModelProto, paths: dict[int, ActivationPath], batches,
