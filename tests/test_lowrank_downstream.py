@@ -195,3 +195,26 @@ def test_a_classifier_of_gemms_gets_the_metric_of_the_next_gemm_as_it_multiplies
     layers, _ = eligible(model, view, {"Gemm"})
     metrics = output_metrics(model, view, layers, [{"x": inputs(256)}], lambda it, *a: it)
     assert list(metrics) == [0] and metrics[0].shape == (HIDDEN, HIDDEN)
+
+
+def test_a_gate_read_from_a_graph_input_is_fed_to_the_path_as_it_is():
+    """The path's other operand may be a graph input (a mask, a gate computed outside the model)."""
+    w1 = (RNG.standard_normal((D, HIDDEN)) / np.sqrt(D)).astype(np.float32)
+    w2 = (RNG.standard_normal((HIDDEN, D)) / np.sqrt(HIDDEN)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["z"], name="up"),
+             helper.make_node("Mul", ["z", "g"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D]),
+                                               helper.make_tensor_value_info("g", TensorProto.FLOAT, ["n", HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    view, index, layers = layers_of(model)
+    gate = RNG.uniform(0, 2, (256, HIDDEN)).astype(np.float32)
+    metrics = output_metrics(model, view, layers, [{"x": inputs(256), "g": gate}], lambda it, *a: it)
+    assert list(metrics) == [index["up"]]
+    # d a / d z is the gate itself: M = E[g g^T] * (W2 W2^T), plus the ridge on its diagonal
+    m = (gate.T.astype(np.float64) @ gate / len(gate)) * (w2.astype(np.float64) @ w2.T)
+    m += 0.1 * np.mean(np.diag(m)) * np.eye(HIDDEN)
+    r = metrics[index["up"]].astype(np.float64)
+    assert np.allclose(r @ r.T, m, rtol=1e-3, atol=1e-3 * np.abs(m).max())
