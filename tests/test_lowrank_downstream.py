@@ -218,3 +218,20 @@ def test_a_gate_read_from_a_graph_input_is_fed_to_the_path_as_it_is():
     m += 0.1 * np.mean(np.diag(m)) * np.eye(HIDDEN)
     r = metrics[index["up"]].astype(np.float64)
     assert np.allclose(r @ r.T, m, rtol=1e-3, atol=1e-3 * np.abs(m).max())
+
+
+def test_a_path_ort_will_not_run_alone_leaves_its_layer_to_the_input_whitening(monkeypatch):
+    import onnxopt.passes.lowrank.downstream as downstream
+
+    def broken(model, view, path):
+        bad = helper.make_node("NoSuchOp", [path.start], [path.end], domain="no.such.domain")
+        graph = helper.make_graph([bad], "bad", [helper.make_tensor_value_info(path.start, TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info(path.end, TensorProto.FLOAT, None)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid("no.such.domain", 1)])
+
+    monkeypatch.setattr(downstream, "_path_model", broken)
+    model = ffn_block()
+    view, index, layers = layers_of(model)
+    metrics = output_metrics(model, view, layers, [{"x": inputs(64)}], lambda it, *a: it)
+    assert index["up"] not in metrics and index["down"] in metrics

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxopt import OnnxoptError
 from onnxopt.fetch import fetching_session
 from onnxopt.graph import GraphView, attribute
 from onnxopt.runtime import make_session
@@ -206,7 +207,13 @@ def _derivative_moments(model: onnx.ModelProto, paths: dict[int, ActivationPath]
     fetched = list(dict.fromkeys(n for p in paths.values() for n in (p.start, *p.external)))
     session, mapping = fetching_session(model, fetched)
     wanted = {i.name for i in session.get_inputs()}
-    steps = {i: make_session(_path_model(model, view, p)) for i, p in paths.items()}
+    steps = {}
+    for i, path in paths.items():
+        try:
+            steps[i] = make_session(_path_model(model, view, path))
+        except OnnxoptError:  # a path ORT will not run alone: that layer keeps the input whitening
+            continue
+    paths = {i: p for i, p in paths.items() if i in steps}
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     read = 0
@@ -225,7 +232,7 @@ def _derivative_moments(model: onnx.ModelProto, paths: dict[int, ActivationPath]
             if up.shape != z.shape:
                 continue  # a gate broadcast the path to another shape: no element-wise derivative
             d = ((up - down) / (2 * h)).reshape(-1, z.shape[-1]).astype(np.float32)
-            sums[i] = sums.get(i, 0) + (d.T @ d).astype(np.float64)  # float32 products: 4x faster, ample here
+            sums[i] = sums.get(i, 0) + (d.T @ d).astype(np.float64)  # float32 products: faster, ample for a weighting
             counts[i] = counts.get(i, 0) + len(d)
     return {i: sums[i] / counts[i] for i in sums}
 
