@@ -77,7 +77,7 @@ def test_the_measured_derivative_is_the_activations():
 
     path = _activation_path(view, "z", HIDDEN)
     assert path is not None and [n.op_type for n in path.nodes] == ["Relu"] and path.gamma is not None
-    moments = _derivative_moments(model, {0: path}, [{"x": x}], lambda it, *a: it)
+    moments = _derivative_moments(model, view, {0: path}, [{"x": x}], lambda it, *a: it)
     z = x @ numpy_helper.to_array(model.graph.initializer[0]) + numpy_helper.to_array(model.graph.initializer[1])
     indicator = (z > 0).astype(np.float64)
     assert np.allclose(moments[0], indicator.T @ indicator / len(z), atol=0.02)

@@ -30,10 +30,10 @@ from onnx import helper
 
 from onnxopt import OnnxoptError
 from onnxopt.fetch import fetching_session
-from onnxopt.graph import GraphView, attribute
+from onnxopt.graph import GraphView
 from onnxopt.runtime import make_session
 
-from .factor import Layer
+from .factor import Layer, _as_matrix
 
 # Element-wise ops an activation path may take (the other inputs constant or computed elsewhere).
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Tanh", "Sigmoid", "Relu",
@@ -84,7 +84,7 @@ def output_metrics(model: onnx.ModelProto, view: GraphView, layers: list[Layer],
     if batches is None:
         return metrics
     for chunk in _chunks(paths):  # moments of at most METRIC_BYTES at a time, one pass over the data each
-        for i, moment in _derivative_moments(model, chunk, batches, progress).items():
+        for i, moment in _derivative_moments(model, view, chunk, batches, progress).items():
             v = chunk[i].weight.astype(np.float64)
             if chunk[i].gamma is not None:
                 v = v * _floored(chunk[i].gamma)[None, :]
@@ -168,7 +168,7 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
             return None
     if end is None or not nodes:
         return None
-    weight = _consumer_matrix(view, end)
+    weight, _ = _as_matrix(end, view.constant(end.input[1]))  # a Gemm's transB and alpha folded in; None for transA
     if weight is None or weight.ndim != 2 or weight.shape[0] != width:
         return None
     for node in nodes:  # constants must not broadcast the path's values to another shape
@@ -185,25 +185,13 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
 
 
 def _reads_as_matmul(view: GraphView, node: onnx.NodeProto, name: str) -> bool:
-    """`node` computes `name` @ V with a constant V: a MatMul, or a Gemm without transA."""
-    if node.op_type not in ("MatMul", "Gemm") or node.input[0] != name or not view.is_constant(node.input[1]):
-        return False
-    return node.op_type == "MatMul" or not attribute(node, "transA", 0)
+    """`node` computes `name` @ V with a constant V: a MatMul or a Gemm (factor._as_matrix reads V)."""
+    return node.op_type in ("MatMul", "Gemm") and node.input[0] == name and view.is_constant(node.input[1])
 
 
-def _consumer_matrix(view: GraphView, node: onnx.NodeProto) -> np.ndarray | None:
-    """V [N, P] as `node` multiplies by it (a Gemm's transB and alpha folded in)."""
-    weight = view.constant(node.input[1])
-    if weight is None or node.op_type == "MatMul" or weight.ndim != 2:
-        return weight
-    weight = weight.T if attribute(node, "transB", 0) else weight
-    return weight * np.float32(attribute(node, "alpha", 1.0))
-
-
-def _derivative_moments(model: onnx.ModelProto, paths: dict[int, ActivationPath], batches,
+def _derivative_moments(model: onnx.ModelProto, view: GraphView, paths: dict[int, ActivationPath], batches,
                         progress) -> dict[int, np.ndarray]:
     """{layer: E[f' f'^T]} with f' = d end / d start, element-wise, by central differences."""
-    view = GraphView(model.graph, model.ir_version)
     fetched = list(dict.fromkeys(n for p in paths.values() for n in (p.start, *p.external)))
     session, mapping = fetching_session(model, fetched)
     wanted = {i.name for i in session.get_inputs()}
