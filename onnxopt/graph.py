@@ -31,6 +31,9 @@ CONTRIB_RANKS = {
                              "Gelu", "QuickGelu", "BiasAdd", "Attention")},
     "EmbedLayerNormalization": {0: 1},  # [batch, sequence] ids -> [batch, sequence, hidden]
 }
+# ONNX Runtime's fused activations (com.microsoft, as its transformer optimizer writes them): x, and an
+# optional bias broadcast over x's last axis, added before the activation; elementwise in every other way
+CONTRIB_ACTIVATIONS = frozenset({"BiasGelu", "FastGelu", "Gelu", "QuickGelu"})
 RANK_DEPTH = 32  # nodes walked back at most: the fallback is for short mask paths, not whole networks
 
 # Ops whose output differs between runs: never folded, never merged.

@@ -30,7 +30,7 @@ from onnx import helper
 
 from onnxopt import OnnxoptError
 from onnxopt.fetch import fetching_session
-from onnxopt.graph import GraphView
+from onnxopt.graph import CONTRIB_ACTIVATIONS, GraphView
 from onnxopt.runtime import make_session
 
 from .factor import Layer, _as_matrix
@@ -39,8 +39,6 @@ from .factor import Layer, _as_matrix
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Erf", "Tanh", "Sigmoid", "Relu",
                "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
                "Mish", "Neg", "Abs", "Clip", "Identity", "Cast"}
-# ONNX Runtime's fused forms, as its transformer optimizer writes them (com.microsoft).
-CONTRIB_ELEMENTWISE = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
 # The norms that scale channel j by gamma_j, with gamma's input index; "Skip" forms add the residual
 # themselves (input 0 or 1 is the layer's output).
 NORMS = {"LayerNormalization": 1, "SimplifiedLayerNormalization": 1, "RMSNormalization": 1}
@@ -155,7 +153,7 @@ def _activation_path(view: GraphView, start: str, width: int) -> ActivationPath 
                     return None
                 end = node
             elif ((node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx"))
-                  or (node.op_type in CONTRIB_ELEMENTWISE and node.domain == "com.microsoft")):
+                  or (node.op_type in CONTRIB_ACTIVATIONS and node.domain == "com.microsoft")):
                 if id(node) in seen:
                     continue
                 seen.add(id(node))

@@ -30,7 +30,7 @@ from fractions import Fraction
 
 import onnx
 
-from onnxopt.graph import GraphView, attribute, infer_dims, subgraph_inputs
+from onnxopt.graph import CONTRIB_ACTIVATIONS, GraphView, attribute, infer_dims, subgraph_inputs
 
 from .layout import LayoutRules
 from .units import Blocked, Group, Member, ReshapeTarget, SliceBounds, Slot, SplitAcross, SplitPart
@@ -43,9 +43,6 @@ BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "PRelu", 
 REDUCE = {"ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"}
 POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 SHAPE_READERS = {"Shape", "Size"}  # read a tensor's dims, not its values: they follow the new size
-# ONNX Runtime's activations (com.microsoft, as its transformer optimizer fuses them): x, and an optional
-# bias broadcast over x's last axis, added before the activation; elementwise in every other way
-ORT_ACTIVATIONS = {"BiasGelu", "FastGelu", "Gelu", "QuickGelu"}
 
 
 def find_groups(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
@@ -210,7 +207,7 @@ class _Finder(LayoutRules):
     def _through(self, node: onnx.NodeProto, slot: Slot, width: Fraction, roles, reshapes, sources) -> list:
         """The slots tied to `slot` by `node`, with their widths."""
         op = node.op_type
-        if node.domain == "com.microsoft" and op in ORT_ACTIVATIONS:
+        if node.domain == "com.microsoft" and op in CONTRIB_ACTIVATIONS:
             return self._broadcast(node, slot, width)
         if node.domain not in ("", "ai.onnx"):
             raise Blocked(f"{op} (domain {node.domain}) has no pruning rule")
