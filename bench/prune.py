@@ -169,6 +169,7 @@ def graph_form(form: str, fp32: Path, workdir: Path) -> Path:
 
 def prune_all(name: str, spec: dict, workdir: Path) -> dict:
     results = {}
+    limit_s = spec.get("build_limit_s", 1800)  # a case that trains long gives its own
     for row, (tool, form, *calib) in tqdm(spec["candidates"].items(), desc=f"{name}: prune", unit="row"):
         # form "row:NAME": start from that earlier row's output (quant on a distilled model, say)
         src = Path(results[form[4:]]["path"]) if form.startswith("row:") else graph_form(form, Path(spec["path"]), workdir)
@@ -180,11 +181,11 @@ def prune_all(name: str, spec: dict, workdir: Path) -> dict:
         try:
             train = [str(spec["train"])] if spec.get("train") else []
             proc = subprocess.run([sys.executable, str(ROOT / "bench/_prune_child.py"), tool, str(src), str(data),
-                                   str(out), *train], capture_output=True, text=True, timeout=1800, cwd=workdir)
+                                   str(out), *train], capture_output=True, text=True, timeout=limit_s, cwd=workdir)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             info = json.loads(lines[-1]) if lines else {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:120]}
         except subprocess.TimeoutExpired:
-            info = {"error": "ran past 30 min"}
+            info = {"error": f"ran past {limit_s // 60} min"}
         if not info.get("error") and not out.exists():
             info["error"] = "no output written"
         results[row] = {**info, "tool": tool, "path": str(out)}
