@@ -251,6 +251,22 @@ def test_recorded_zeros_stay_zero_through_training(teacher_and_student):
     assert all(check.holds for check in sparsity.verify(trained))
 
 
+def test_a_low_rank_pair_trains_as_two_factors(teacher_and_student):
+    teacher_path, student, data = teacher_and_student
+    factored, _ = onnxopt.optimize(student, "lowrank:rank=4,keep_if_slower=false", calib=data, compare=False, runs=0)
+    shapes = {t.name: tuple(t.dims) for t in factored.graph.initializer}
+    assert len(factored.graph.node) > len(student.graph.node) and sorted(shapes.values()).count((4, 8)) == 1
+    trained, report = onnxopt.optimize(factored, f"distill:teacher={teacher_path},epochs=4,lr=3e-3,loss=mse",
+                                       train=data, compare=False, runs=0)
+    details = report.passes[0]["details"]
+    assert details["held_out_loss_after"] < 0.7 * details["held_out_loss_before"]  # rank 4 cannot reach 0
+    # the pair is not multiplied back into one matrix: same nodes, same thin shapes, each factor trained
+    assert [n.op_type for n in trained.graph.node] == [n.op_type for n in factored.graph.node]
+    assert {t.name: tuple(t.dims) for t in trained.graph.initializer} == shapes
+    before = {t.name: numpy_helper.to_array(t) for t in factored.graph.initializer}
+    assert all(np.any(numpy_helper.to_array(t) != before[t.name]) for t in trained.graph.initializer)
+
+
 def test_a_pruned_digits_cnn_recovers_its_accuracy(digits_model, tmp_path, monkeypatch):
     from models import digits
 
