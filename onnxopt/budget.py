@@ -16,7 +16,9 @@ max_error)` turns it round: the most removed in all whose error holds, from the 
 checked on other samples than the ones it chose on (`choice_and_check`), which the pass leaves out of
 what it fits (`without_check`: a refit or a whitening fit on the check's samples flatters them too).
 `prune` and `lowrank` use it for `max_error` (they remove amounts: channels, weights); `quant:auto`
-and `lowrank:compensate` use `fit`.
+and `lowrank:compensate` use `fit`. `to_speedup(tunable, error_of, saved, total, speedup_of, goal)`
+asks for a speed instead: the least error whose model is measured `goal` times as fast (`prune`'s
+`min_speedup`), the amount found by timing a few candidates.
 
 Errors are measured against a reference model, usually the pass's input (`output_error`: 1 - cosine
 of the outputs on a few batches of representative data; `score_drop`: how far the user's own score
@@ -161,6 +163,68 @@ def largest(tunable: Tunable, error_of: ErrorOf, size: Callable[[str, int], int]
         if error <= max_error or not fitting or amount == 0:
             return Allocation(strengths, amount, predicted, error, evaluations)
         allowed = min(predicted * max_error / error, predicted - 1e-12)  # always below the one just measured
+
+
+@dataclasses.dataclass
+class SpeedPlan:
+    strengths: dict[str, int]  # unit -> index into its strengths
+    saved: int  # what the assignment saves of the cost in all (multiply-adds)
+    speedup: float  # measured
+    met: bool  # the speed-up reached the goal
+    error: float  # the assignment's error, measured by the check
+    timed: list[tuple[int, float]]  # (saved, measured speed-up) of each assignment timed, in order
+    evaluations: int  # models built and measured for their error
+
+
+def to_speedup(tunable: Tunable, error_of: ErrorOf, saved: Callable[[str, int], int], total: int,
+               speedup_of: Callable[[onnx.ModelProto], float], goal: float, progress: Progress | None = None,
+               check: ErrorOf | None = None, tries: int = 4) -> SpeedPlan:
+    """The strengths with the least error whose model is measured `goal` times as fast as the
+    reference (`speedup_of`). `saved(unit, strength index)` estimates what a strength saves of a cost
+    (multiply-adds) that comes to `total` in the reference. Each unit's error is measured alone at
+    each strength and the errors are taken to add up, as for `allocate`: the least-error combination
+    saving a given amount is then exact. Time is not proportional to the cost (fixed overheads,
+    kernels that run narrow matrices less well), so the amount is found by timing, at most `tries`
+    models. The first target takes time to be all cost (saving 1 - 1/goal of it). Then time is taken
+    to be linear in the amount saved between the two measurements that bracket the goal (the
+    reference itself, saving nothing at 1x, is one), or, while none is fast enough, along the line
+    through the reference and the largest amount timed; the target moves to where that line meets
+    the goal. Where even the strongest combination falls short, the fastest one measured is
+    returned, with `met` false."""
+    check = check or error_of
+    units = list(tunable.units())
+    alone = _errors_alone(tunable, error_of, units, progress)
+    frontier = _frontier(units, alone, saved, cap=None)  # by amount ascending, error ascending with it
+    most = frontier[-1][1]
+    target = total * (1 - 1 / goal)
+    timed: list[tuple[float, int, float, tuple[int, ...]]] = []  # (speed-up, amount, summed error, choice)
+    for _ in range(tries):
+        predicted, amount, choice = next((state for state in frontier if state[1] >= target), frontier[-1])
+        if any(amount == t[1] for t in timed):
+            break  # nothing between what was timed
+        timed.append((speedup_of(tunable.build(dict(zip(units, choice)))), amount, predicted, choice))
+        short = max([(1.0, 0, 0.0, ())] + [t for t in timed if t[0] < goal], key=lambda t: t[1])
+        fast = min((t for t in timed if t[0] >= goal), key=lambda t: t[1], default=None)
+        if fast is not None and fast[1] < short[1]:
+            break  # a smaller saving measured fast enough and a larger one not: noise; the smaller holds
+        if fast is not None:  # bracketed: where the line between the two meets the goal
+            gained = 1 / short[0] - 1 / fast[0]
+            if gained <= 0:
+                break  # the faster one saves less: noise, or a kernel's cliff; no line to follow
+            target = short[1] + (fast[1] - short[1]) * (1 / short[0] - 1 / goal) / gained
+            if not any(short[1] < state[1] < fast[1] and state[1] >= target for state in frontier):
+                break
+        elif short[1] >= most:
+            break  # the strongest is not fast enough
+        elif short[0] <= 1.0:
+            target = most  # saving this much bought nothing measurable: only the most can tell
+        else:
+            target = max(short[1] * (1 - 1 / goal) / (1 - 1 / short[0]), short[1] + 1)
+    met = [t for t in timed if t[0] >= goal]
+    speedup, amount, _, choice = (min(met, key=lambda t: (t[2], t[1])) if met else max(timed, key=lambda t: t[0]))
+    strengths = dict(zip(units, choice))
+    return SpeedPlan(strengths, amount, speedup, bool(met), check(tunable.build(strengths)),
+                     [(a, s) for s, a, _, _ in timed], sum(len(e) - 1 for e in alone.values()) + 1)
 
 
 def _errors_alone(tunable: Tunable, error_of: ErrorOf, units: list[str],

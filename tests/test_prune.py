@@ -321,6 +321,41 @@ def test_the_error_budget_removes_the_most_that_stays_within_it():
     assert kept[0] == (32, 16) and kept[1][0] < 32 and kept[1][1] == 16 and kept[2] == (16, 16)
 
 
+def test_a_speed_goal_takes_the_least_harmful_units_until_it_is_timed_fast_enough(monkeypatch):
+    """Timing made deterministic (a fixed overhead plus one unit of time per weight of the MatMuls):
+    the second layer's nearly silent units are the cheapest speed there is, and the pass takes as
+    many of them as the goal needs, no more, timing its way there."""
+    from onnxopt.guard import SpeedCheck, SpeedGuard, Verdict
+
+    def cost(model) -> float:
+        return 500 + sum(int(np.prod(t.dims)) for t in model.graph.initializer if len(t.dims) == 2)
+
+    timed = []
+
+    def fake_check(self, before, after, feeds, **kwargs):
+        timed.append(cost(before) / cost(after))
+        return Verdict([SpeedCheck(1, 8, cost(before), cost(after))])
+
+    monkeypatch.setattr(SpeedGuard, "check", fake_check)
+    model = two_layer_mlp()  # 16 -> 32 -> 32 -> 8: 1,792 weights, time 2,292
+    calib = {"x": RNG.standard_normal((256, 16)).astype(np.float32)}
+    pruned, report = onnxopt.optimize(model, "prune:min_speedup=1.2,round_to=1,samples=256", calib=calib,
+                                      compare=False)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    details = report.passes[0]["details"]
+    # the proportional guess (8 units of the second layer, 1.16x) falls short; 12 units (1.26x) is the
+    # fit's answer, and the first layer stays whole
+    assert shapes["w0"] == (16, 32) and shapes["w1"] == (32, 20) and shapes["w2"] == (20, 8)
+    assert details["met"] and [round(t["speedup"], 2) for t in details["timed"]] == [1.16, 1.26]
+    assert details["error"] < 1e-3
+    assert any("speed goal 1.2x: 1.26x" in n for n in report.passes[0]["notes"])
+    out_of_reach, report = onnxopt.optimize(model, "prune:min_speedup=3,round_to=1,samples=256", calib=calib,
+                                            compare=False)
+    assert {t.name: tuple(t.dims) for t in out_of_reach.graph.initializer}["w1"] == (16, 16)  # the strongest levels
+    assert not report.passes[0]["details"]["met"]
+    assert any("speed goal 3.0x not met" in n for n in report.passes[0]["notes"])
+
+
 @pytest.mark.parametrize("spec, message", [
     ("prune:ratio=1.0", "ratio must be in \\[0, 1\\)"),
     ("prune:ratio=-0.1", "ratio must be in \\[0, 1\\)"),
@@ -328,6 +363,9 @@ def test_the_error_budget_removes_the_most_that_stays_within_it():
     ("prune:structure=rows", "structure must be channels, heads, unstructured or N:M"),
     ("prune:ratio=0.5,max_error=0.01", "give ratio or max_error, not both"),
     ("prune:allocation=measured", "allocation=measured spreads a ratio: give ratio= too"),
+    ("prune:min_speedup=1.5,ratio=0.5", "min_speedup chooses the ratios by itself"),
+    ("prune:min_speedup=1.0", "min_speedup must be above 1"),
+    ("prune:min_speedup=1.5,structure=2:4", "min_speedup applies to structure=channels or heads"),
     ("prune:ratio=0.5,allocation=measured,structure=2:4", "allocation=measured applies to structure=channels"),
 ])
 def test_bad_options_are_one_line(spec, message):
@@ -340,6 +378,8 @@ def test_recover_without_data_and_no_prunable_layer_are_clear():
         onnxopt.optimize(residual_net(), "prune:ratio=0.5,recover=true", compare=False)
     with pytest.raises(OnnxoptError, match="prune:allocation=measured needs representative data"):
         onnxopt.optimize(residual_net(), "prune:ratio=0.5,allocation=measured", compare=False)
+    with pytest.raises(OnnxoptError, match="prune:min_speedup=1.5 needs representative data"):
+        onnxopt.optimize(residual_net(), "prune:min_speedup=1.5", compare=False)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])

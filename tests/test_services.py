@@ -302,3 +302,54 @@ def test_the_core_imports_no_pass_and_no_wing_imports_another():
             if parts[:2] == ["onnxopt", "passes"] and len(parts) > 2:
                 assert parts[2] == own or (own is None and parts[2] not in wings), f"{path} imports {module}"
     assert not {m for m in imported_modules(Path(__file__)) if m.startswith("onnxopt.passes")}  # this pass too
+
+
+def test_to_speedup_times_its_way_to_the_least_error_that_is_fast_enough():
+    """Time as a fixed overhead plus the cost left: the first target (all time taken to be cost)
+    falls short, the fit through the first model timed reaches the goal exactly, and the choice is
+    the least error of every combination that is fast enough."""
+    import itertools
+
+    toy = AdditiveUnits({"a": (0.0, 0.001, 0.004, 0.02), "b": (0.0, 0.002, 0.005, 0.006), "c": (0.0, 0.0, 0.01, 0.03)})
+    saves = {"a": (0, 4, 8, 12), "b": (0, 2, 4, 6), "c": (0, 8, 16, 24)}
+    fixed, total = 30, 42
+
+    def speedup_of(strengths) -> float:
+        return (fixed + total) / (fixed + total - sum(saves[u][s] for u, s in strengths.items()))
+
+    for goal in (1.1, 1.2, 1.35):
+        plan = budget.to_speedup(toy, toy.error_of, lambda u, s: saves[u][s], total, speedup_of, goal)
+        fast_enough = [dict(zip(toy.errors, c)) for c in itertools.product(range(4), repeat=3)
+                       if speedup_of(dict(zip(toy.errors, c))) >= goal]
+        assert plan.met and plan.speedup >= goal
+        assert plan.error == pytest.approx(min(toy.error_of(c) for c in fast_enough))
+        # 1.1: the proportional guess (c's free first step) is fast enough; above, it falls short and
+        # the fit through it is exact
+        assert [s >= goal for _, s in plan.timed] == ([True] if goal == 1.1 else [False, True])
+        assert plan.evaluations == 3 * 3 + 1
+
+
+def test_to_speedup_keeps_the_fastest_where_the_goal_is_out_of_reach():
+    toy = AdditiveUnits({"a": (0.0, 0.01, 0.02), "b": (0.0, 0.01, 0.02)})
+    # a narrow kernel runs slower than the wide one (a small saving loses), only the most pays a little
+    cliff = lambda strengths: 1.1 if sum(strengths.values()) == 4 else 0.9  # noqa: E731
+    plan = budget.to_speedup(toy, toy.error_of, lambda u, s: s, 4, cliff, goal=2.0)
+    assert not plan.met and plan.speedup == 1.1 and plan.strengths == {"a": 2, "b": 2}
+    assert [s for _, s in plan.timed] == [0.9, 1.1]  # the slower one sends it straight to the most
+
+
+def test_to_speedup_steps_back_where_its_first_guess_is_faster_than_needed():
+    """Savings that pay double (time = cost left minus what was saved again): the proportional guess
+    overshoots, and the line between the reference and it leads back to a smaller saving."""
+    toy = AdditiveUnits({"a": (0.0, 0.001, 0.004, 0.02), "b": (0.0, 0.002, 0.005, 0.006), "c": (0.0, 0.01, 0.02, 0.03)})
+    saves = {"a": (0, 4, 8, 12), "b": (0, 2, 4, 6), "c": (0, 8, 16, 24)}
+    total = 42
+
+    def speedup_of(strengths) -> float:
+        return total / (total - 2 * sum(saves[u][s] for u, s in strengths.items()))
+
+    plan = budget.to_speedup(toy, toy.error_of, lambda u, s: saves[u][s], total, speedup_of, goal=1.2)
+    # 1.2 needs a saving of 3.5: the guess (7: a's second step, 8) reads 1.62x; the line through it
+    # asks for 3.5, and a's first step (4, 1.24x) is the least error at or above it
+    assert plan.met and plan.saved == 4 and plan.strengths == {"a": 1, "b": 0, "c": 0}
+    assert [round(s, 2) for _, s in plan.timed] == [1.62, 1.24]

@@ -5,8 +5,9 @@ Structured pruning removes whole units of a channel group (`groups.py`): Conv ou
 FFN neurons, attention heads, with every tensor tied to them. Which units go is decided per group
 (`importance.py`: magnitude without data; with representative data, an OBS-style greedy choice on
 the consumers' Gram matrices by default), how many by `ratio` (the same in every group, or with
-`allocation=measured` as many units in all, spread by measured sensitivity) or by an error budget
-(`onnxopt.budget`: per-group ratios from measured sensitivity, within `max_error`). The layers that
+`allocation=measured` as many units in all, spread by measured sensitivity), by an error budget
+(`onnxopt.budget`: per-group ratios from measured sensitivity, within `max_error`) or by a speed goal
+(`min_speedup`: the least error whose model is timed that much faster, `cost.py`). The layers that
 read a pruned group are then refit by least squares on the data (`recover.py`), and the tensors
 shrink (`shrink.py`). The speed guard keeps the input where the result is not faster.
 """
@@ -27,6 +28,7 @@ from onnxopt.manager import copy_model
 from onnxopt.surgery import constants_to_initializers, unshare_vectors
 
 from . import importance as importance_
+from .cost import multiply_adds
 from .groups import Group, find_groups, shape_probes
 from .recover import bias_of, refit
 from .shrink import shrink
@@ -41,10 +43,15 @@ class PruneOptions:
                                         "heads: attention heads; unstructured: single weights set to zero; N:M "
                                         "(e.g. 2:4): N of every M weights along the reduction axis set to zero")
     ratio: Optional[float] = option(None, "fraction of each group's units (or each weight's values) to remove; "
-                                          "with neither ratio nor max_error, max_error=0.01 applies")
+                                          "with none of ratio, max_error and min_speedup, max_error=0.01 applies")
     max_error: Optional[float] = option(None, "largest 1 - cosine of the outputs on the representative data; "
                                               "the error budget chooses a ratio per group")
-    levels: tuple[float, ...] = option((0.125, 0.25, 0.375, 0.5), "max_error: the ratios a group may take")
+    min_speedup: Optional[float] = option(
+        None, "goal: the pruned model this many times as fast as its input (timed at batch 8, 1 thread), at the "
+              "least measured output error: units go where they cost the least error for the multiply-adds "
+              "they save; where even the strongest levels fall short, the fastest is kept and the report says so")
+    levels: tuple[float, ...] = option((0.125, 0.25, 0.375, 0.5), "max_error and min_speedup: the ratios a group "
+                                                                   "may take")
     allocation: Literal["uniform", "measured"] = option(
         "uniform", "with ratio: uniform removes that fraction of every group; measured removes as many units in all, "
                    "spread over the groups by their measured sensitivity (each group alone at up to twice the "
@@ -68,6 +75,12 @@ class PruneOptions:
             raise ValueError("max_error must be in (0, 1)")
         if self.ratio is not None and self.max_error is not None:
             raise ValueError("give ratio or max_error, not both")
+        if self.min_speedup is not None and (self.ratio is not None or self.max_error is not None):
+            raise ValueError("min_speedup chooses the ratios by itself: give it without ratio or max_error")
+        if self.min_speedup is not None and not self.min_speedup > 1:
+            raise ValueError("min_speedup must be above 1 (1.5: half as fast again)")
+        if self.min_speedup is not None and self.structure not in ("channels", "heads"):
+            raise ValueError("min_speedup applies to structure=channels or heads (zeros give no speed on CPU)")
         if self.structure not in ("channels", "heads", "unstructured") and not re.fullmatch(r"\d+:\d+", self.structure):
             raise ValueError(f"structure must be channels, heads, unstructured or N:M, not {self.structure!r}")
         if ":" in self.structure:
@@ -100,8 +113,9 @@ class Prune(Pass):
             constants_to_initializers(model.graph)  # weights in Constant nodes are weights too
             return sparsify(model, ctx, options)
         if ctx.data is None and (options.recover or options.importance in ("activation", "obs")
-                                 or options.allocation == "measured"):
+                                 or options.allocation == "measured" or options.min_speedup):
             what = ("recover=true" if options.recover else "allocation=measured" if options.allocation == "measured"
+                    else f"min_speedup={options.min_speedup}" if options.min_speedup
                     else "importance=" + options.importance)
             raise OnnxoptError(f"prune:{what} needs representative data", "give calib data, or use "
                                "importance=magnitude and allocation=uniform")
@@ -138,7 +152,9 @@ class Prune(Pass):
             removals = [(g, orders[id(g)][:self._removed(g, ratios[id(g)])]) for g in groups]
             return _pruned(model, removals, stats if recover else {})
 
-        if options.ratio is not None and options.allocation == "measured":
+        if options.min_speedup is not None:
+            ratios, details = self._speed_goal(model, view, groups, levels, build, batches, ctx, notes)
+        elif options.ratio is not None and options.allocation == "measured":
             ratios, details = self._allocate(model, groups, levels, build, batches, ctx, notes)
         elif options.ratio is not None:
             ratios = {id(g): options.ratio for g in groups}
@@ -214,6 +230,36 @@ class Prune(Pass):
                      f"checked on other samples (the groups' errors alone add up to {plan.predicted:.4g}; "
                      f"{plan.evaluations} models measured)")
         return ratios, {"max_error": max_error, "error": plan.error,
+                        "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
+
+    def _speed_goal(self, model, view, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:
+        """The least measured output error whose pruned model is timed `min_speedup` times as fast
+        as the input (`onnxopt.budget.to_speedup`, with multiply-adds as its cost model)."""
+        goal = self.options.min_speedup
+        error_of, check, measure = budget.choice_and_check(model, batches)
+        strengths = (0.0, *levels)
+        feeds = batches.first_batch()
+        per_unit, total = multiply_adds(model, view, groups, feeds)
+
+        def speedup_of(candidate: onnx.ModelProto) -> float:
+            verdict = ctx.guard.check(model, candidate, feeds, batches=None if batches.per_entry else (8,),
+                                      threads=(1,), clear_win=None, decisive=None)
+            return verdict.checks[0].speedup
+
+        plan = budget.to_speedup(_GroupChoices(groups, strengths, build), error_of,
+                                 lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
+                                 total, speedup_of, goal, ctx.progress, check)
+        ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
+        timed = ", ".join(f"{s:.2f}x" for _, s in plan.timed)
+        if plan.met:
+            notes.append(f"speed goal {goal}x: {plan.speedup:.2f}x at batch 8, 1 thread; {measure}: {plan.error:.4g} "
+                         f"(models timed: {timed})")
+        else:
+            notes.append(f"speed goal {goal}x not met: the fastest choice measured {plan.speedup:.2f}x at batch 8, "
+                         f"1 thread (models timed: {timed}), kept; {measure}: {plan.error:.4g}; stronger levels "
+                         f"(levels=...;0.625;0.75) or quant may reach it")
+        return ratios, {"min_speedup": goal, "met": plan.met, "speedup": plan.speedup, "error": plan.error,
+                        "timed": [{"multiply_adds_removed": a, "speedup": s} for a, s in plan.timed],
                         "ratios": {g.sources[0]: ratios[id(g)] for g in groups}}
 
     def _allocate(self, model, groups, levels, build, batches, ctx, notes) -> tuple[dict, dict]:

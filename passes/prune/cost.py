@@ -1,0 +1,61 @@
+"""What removing a unit saves: multiply-adds per call, for `min_speedup`'s cost model.
+
+A Conv/Gemm/MatMul costs one multiply-add per weight per output position (a Conv's output pixels
+times the batch, a MatMul's rows), so a unit of a group saves, in each layer whose weight it slices,
+the weights it holds there times that layer's output positions. The positions are read off the
+layers' outputs on one batch of representative data, which also settles shapes inference leaves
+symbolic. Products of two activations (attention scores) are not counted: the cost is an estimate
+that the speed goal corrects by timing (`onnxopt.budget.to_speedup`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxopt.fetch import fetching_session
+from onnxopt.graph import GraphView
+from onnxopt.validation import run
+
+from .units import Group
+
+LAYERS = ("Conv", "Gemm", "MatMul")
+
+
+def multiply_adds(model: onnx.ModelProto, view: GraphView, groups: list[Group],
+                  feeds: dict[str, np.ndarray]) -> tuple[list[int], int]:
+    """Per group, the multiply-adds one of its units costs per call on `feeds`; and the model's total
+    in the layers with a constant weight."""
+    weighted = []  # (layer, which input is its weight): B first; a MatMul may hold it as A (W @ x)
+    for node in model.graph.node:
+        candidates = (1, 0) if node.op_type == "MatMul" else (1,) if node.op_type in LAYERS else ()
+        index = next((i for i in candidates if len(node.input) > i and _matrix(view, node.input[i]) is not None), None)
+        if index is not None:
+            weighted.append((node, index))
+    session, fetch = fetching_session(model, [node.output[0] for node, _ in weighted])
+    values = dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
+    positions: dict[str, int] = {}  # layer output -> multiply-adds per weight
+    total = 0
+    for node, index in weighted:
+        out = values.get(fetch.get(node.output[0]))
+        if out is None or np.ndim(out) < 2:
+            continue
+        # the axis of the output the weight's own output channels make: a Conv's channels, the
+        # columns of x @ W, the rows of W @ x
+        axis = 1 if node.op_type == "Conv" else (-1 if index == 1 else -2)
+        positions[node.output[0]] = out.size // max(out.shape[axis], 1)
+        total += positions[node.output[0]] * _matrix(view, node.input[index]).size
+    per_unit = []
+    for group in groups:
+        cost = 0
+        for member in group.members:
+            weight = _matrix(view, member.slot.tensor) if member.role in ("in", "out") and member.layer else None
+            if weight is not None:
+                per_weight = positions.get(member.layer.output[0], 0)
+                cost += per_weight * member.width * (weight.size // weight.shape[member.slot.axis])
+        per_unit.append(cost)
+    return per_unit, total
+
+
+def _matrix(view: GraphView, name: str) -> np.ndarray | None:
+    value = view.constant(name)
+    return value if value is not None and value.ndim >= 2 else None
