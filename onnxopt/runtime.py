@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from . import sparsity
 from .errors import OnnxoptError
 from .model_io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
@@ -65,14 +66,15 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
         options.optimized_model_filepath = optimized_model_path
     if graph_optimization is not None:
         options.graph_optimization_level = graph_optimization
+    asked = with_provider_options(providers, model)
     try:
         if isinstance(model, onnx.ModelProto) and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
-                session = ort.InferenceSession(str(path), options, providers=providers)
+                session = ort.InferenceSession(str(path), options, providers=asked)
         else:
             source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-            session = ort.InferenceSession(source, options, providers=providers)
+            session = ort.InferenceSession(source, options, providers=asked)
     except Exception as exc:
         if isinstance(model, onnx.ModelProto):
             check_runnable_opset(model)
@@ -84,6 +86,19 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, fallba
             raise OnnxoptError(message, "check the CUDA/TensorRT libraries, or pass --ep-fallback")
         print(f"onnxopt: warning: {message}", file=sys.stderr)
     return session
+
+
+def with_provider_options(providers: list[str], model: onnx.ModelProto | str | Path) -> list:
+    """`providers`, with TensorRT's sparse-weights switch on where the model records 2:4 sparsity
+    (`onnxopt.sparsity`, written by `prune:structure=2:4`): TensorRT runs 2:4 weights on sparse
+    tensor cores (Ampere and newer) only when the engine is built with it."""
+    if providers[0] != "TensorrtExecutionProvider":
+        return providers
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)  # the metadata is all that is read
+    if not any(record.get("pattern") == "2:4" for record in sparsity.read(model).values()):
+        return providers
+    return [("TensorrtExecutionProvider", {"trt_sparsity_enable": "True"}), *providers[1:]]
 
 
 def check_runnable_opset(model: onnx.ModelProto) -> None:

@@ -236,6 +236,38 @@ def test_nm_sparsity_keeps_the_pattern_through_quant_and_the_file_does_not_grow(
     assert not next(c for c in records.verify(tampered) if c.layer == layer).holds
 
 
+def test_tensorrt_sessions_build_2_4_models_with_sparse_weights(tmp_path, monkeypatch):
+    """TensorRT runs 2:4 weights on sparse tensor cores only when asked: a session on the TensorRT EP
+    asks for a model whose record says 2:4, and not for a dense or unstructured one. (ORT itself is
+    faked here: no machine that runs the tests has TensorRT.)"""
+    import onnxruntime as ort
+
+    from onnxopt import runtime
+
+    asked = []
+
+    class RecordingSession:
+        def __init__(self, source, options, providers):
+            asked.append(providers)
+            self.providers = [p if isinstance(p, str) else p[0] for p in providers]
+
+        def get_providers(self):
+            return self.providers
+
+    calib = {"x": RNG.standard_normal((64, 16)).astype(np.float32)}
+    models = [onnxopt.optimize(two_layer_mlp(), f"prune:{spec},keep_if_slower=false", calib=calib, compare=False)[0]
+              for spec in ("structure=2:4", "structure=unstructured,ratio=0.5", "ratio=0.5")]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: runtime.EXECUTION_PROVIDERS["tensorrt"])
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
+    for index, pruned in enumerate(models):
+        onnx.save(pruned, tmp_path / f"{index}.onnx")
+        runtime.make_session(pruned, "tensorrt")
+        runtime.make_session(str(tmp_path / f"{index}.onnx"), "tensorrt")  # read from the file's metadata too
+    sparse = ("TensorrtExecutionProvider", {"trt_sparsity_enable": "True"})
+    assert asked[:2] == [[sparse, "CUDAExecutionProvider", "CPUExecutionProvider"]] * 2
+    assert all(providers == runtime.EXECUTION_PROVIDERS["tensorrt"] for providers in asked[2:]) and len(asked) == 6
+
+
 def test_unstructured_sparsity_zeros_each_row_by_ratio():
     model = residual_net()
     x = RNG.standard_normal((16, 4, 8, 8)).astype(np.float32)
