@@ -353,6 +353,23 @@ def test_the_error_budget_removes_the_most_that_stays_within_it():
     assert kept[0] == (32, 16) and kept[1][0] < 32 and kept[1][1] == 16 and kept[2] == (16, 16)
 
 
+@pytest.mark.parametrize("weight", ["a.w", "b.w", "c.w", "d.w"])
+def test_the_speed_goal_prices_a_unit_at_the_multiply_adds_its_removal_saves(weight):
+    """The cost model's oracle: removing k units of one group lowers the model's multiply-adds by k
+    times that group's price, through the residual Add, the depthwise Conv and the Concat."""
+    from onnxopt.passes.prune.cost import multiply_adds
+
+    model = residual_net()
+    feeds = {"x": RNG.standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    group = group_of(model, weight)
+    (price,), total = multiply_adds(model, GraphView(model.graph, model.ir_version), [group], feeds)
+    # by hand, 2 images of 8 x 8: a 288, b 576, s 32, dw 72, c 32, d 72 weights at 128 positions; fc 18 at 2
+    assert total == (288 + 576 + 32 + 72 + 32 + 72) * 128 + 18 * 2
+    pruned = _pruned(model, [(group, [0, 1])], {})
+    _, after = multiply_adds(pruned, GraphView(pruned.graph, pruned.ir_version), [], feeds)
+    assert total - after == 2 * price > 0
+
+
 def test_a_speed_goal_takes_the_least_harmful_units_until_it_is_timed_fast_enough(monkeypatch):
     """Timing made deterministic (a fixed overhead plus one unit of time per weight of the MatMuls):
     the second layer's nearly silent units are the cheapest speed there is, and the pass takes as
@@ -445,6 +462,12 @@ def test_dead_units_on_real_models_change_nothing(name, digits_model, minilm_mod
     assert sum(t.ByteSize() for t in pruned.graph.initializer) < sum(t.ByteSize() for t in dead.graph.initializer)
     for got, want in zip(ort_run(pruned, feeds), ort_run(dead, feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # min_speedup's cost model prices the units at exactly the multiply-adds their removal saves
+    from onnxopt.passes.prune.cost import multiply_adds
+
+    (price,), before = multiply_adds(model, GraphView(model.graph, model.ir_version), [group], feeds)
+    _, after = multiply_adds(pruned, GraphView(pruned.graph, pruned.ir_version), [], feeds)
+    assert before - after == len(units) * price > 0
 
 
 @pytest.mark.slow

@@ -117,8 +117,9 @@ class Prune(Pass):
             what = ("recover=true" if options.recover else "allocation=measured" if options.allocation == "measured"
                     else f"min_speedup={options.min_speedup}" if options.min_speedup
                     else "importance=" + options.importance)
-            raise OnnxoptError(f"prune:{what} needs representative data", "give calib data, or use "
-                               "importance=magnitude and allocation=uniform")
+            hint = ("give calib data, on which the goal measures each group's error; or give a ratio instead" if options.min_speedup
+                    else "give calib data, or use importance=magnitude and allocation=uniform")
+            raise OnnxoptError(f"prune:{what} needs representative data", hint)
         notes = nested_layers_note(model, {"Conv", "Gemm", "MatMul"}, "prune")
         constants_to_initializers(model.graph)
         unshare_vectors(model.graph)  # equal biases fold merged must not tie unrelated channels

@@ -33,7 +33,7 @@ def multiply_adds(model: onnx.ModelProto, view: GraphView, groups: list[Group],
             weighted.append((node, index))
     session, fetch = fetching_session(model, [node.output[0] for node, _ in weighted])
     values = dict(zip([o.name for o in session.get_outputs()], run(session, feeds)))
-    positions: dict[str, int] = {}  # layer output -> multiply-adds per weight
+    positions: dict[str, int] = {}  # weight -> multiply-adds per weight element (summed over the layers reading it)
     total = 0
     for node, index in weighted:
         out = values.get(fetch.get(node.output[0]))
@@ -42,16 +42,16 @@ def multiply_adds(model: onnx.ModelProto, view: GraphView, groups: list[Group],
         # the axis of the output the weight's own output channels make: a Conv's channels, the
         # columns of x @ W, the rows of W @ x
         axis = 1 if node.op_type == "Conv" else (-1 if index == 1 else -2)
-        positions[node.output[0]] = out.size // max(out.shape[axis], 1)
-        total += positions[node.output[0]] * _matrix(view, node.input[index]).size
+        weight = node.input[index]
+        positions[weight] = positions.get(weight, 0) + out.size // max(out.shape[axis], 1)
+        total += out.size // max(out.shape[axis], 1) * _matrix(view, weight).size
     per_unit = []
     for group in groups:
         cost = 0
-        for member in group.members:
-            weight = _matrix(view, member.slot.tensor) if member.role in ("in", "out") and member.layer else None
+        for member in group.members:  # weights of layers: "in", "out", and a depthwise Conv's ("param")
+            weight = _matrix(view, member.slot.tensor) if member.slot.tensor in positions else None
             if weight is not None:
-                per_weight = positions.get(member.layer.output[0], 0)
-                cost += per_weight * member.width * (weight.size // weight.shape[member.slot.axis])
+                cost += positions[member.slot.tensor] * member.width * (weight.size // weight.shape[member.slot.axis])
         per_unit.append(cost)
     return per_unit, total
 
