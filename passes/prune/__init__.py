@@ -47,7 +47,8 @@ class PruneOptions:
     max_error: Optional[float] = option(None, "largest 1 - cosine of the outputs on the representative data; "
                                               "the error budget chooses a ratio per group")
     min_speedup: Optional[float] = option(
-        None, "goal: the pruned model this many times as fast as its input (timed at batch 8, 1 thread), at the "
+        None, "goal: the pruned model this many times as fast as its input (timed at batch 8, or batch_size if less, 1 "
+              "thread), at the "
               "least measured output error: units go where they cost the least error for the multiply-adds "
               "they save; where even the strongest levels fall short, the fastest is kept and the report says so")
     levels: tuple[float, ...] = option((0.125, 0.25, 0.375, 0.5), "max_error and min_speedup: the ratios a group "
@@ -245,19 +246,23 @@ class Prune(Pass):
         def speedup_of(candidate: onnx.ModelProto) -> float:
             verdict = ctx.guard.check(model, candidate, feeds, batches=None if batches.per_entry else (8,),
                                       threads=(1,), clear_win=None, decisive=None)
+            timed_on.append(verdict.checks[0].batch)
             return verdict.checks[0].speedup
+
+        timed_on: list[int | None] = []
 
         plan = budget.to_speedup(_GroupChoices(groups, strengths, build), error_of,
                                  lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
                                  total, speedup_of, goal, ctx.progress, check)
         ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
         timed = ", ".join(f"{s:.2f}x" for _, s in plan.timed)
+        where = ("on the first sample" if timed_on[0] is None else f"at batch {timed_on[0]}") + ", 1 thread"
         if plan.met:
-            notes.append(f"speed goal {goal}x: {plan.speedup:.2f}x at batch 8, 1 thread; {measure}: {plan.error:.4g} "
+            notes.append(f"speed goal {goal}x: {plan.speedup:.2f}x {where}; {measure}: {plan.error:.4g} "
                          f"(models timed: {timed})")
         else:
-            notes.append(f"speed goal {goal}x not met: the fastest choice measured {plan.speedup:.2f}x at batch 8, "
-                         f"1 thread (models timed: {timed}), kept; {measure}: {plan.error:.4g}; stronger levels "
+            notes.append(f"speed goal {goal}x not met: the fastest choice measured {plan.speedup:.2f}x {where} "
+                         f"(models timed: {timed}), kept; {measure}: {plan.error:.4g}; stronger levels "
                          f"(levels=...;0.625;0.75) or quant may reach it")
         return ratios, {"min_speedup": goal, "met": plan.met, "speedup": plan.speedup, "error": plan.error,
                         "timed": [{"multiply_adds_removed": a, "speedup": s} for a, s in plan.timed],
