@@ -47,10 +47,10 @@ class PruneOptions:
     max_error: Optional[float] = option(None, "largest 1 - cosine of the outputs on the representative data; "
                                               "the error budget chooses a ratio per group")
     min_speedup: Optional[float] = option(
-        None, "goal: the pruned model this many times as fast as its input (timed at batch 8, or batch_size if less, 1 "
-              "thread), at the "
-              "least measured output error: units go where they cost the least error for the multiply-adds "
-              "they save; where even the strongest levels fall short, the fastest is kept and the report says so")
+        None, "goal: the pruned model this many times as fast as its input (timed at batch 8, or batch_size if "
+              "less, 1 thread), at the least measured output error: units go where they cost the least error for "
+              "the multiply-adds they save; where even the strongest levels fall short, the fastest is kept and the "
+              "report says so")
     levels: tuple[float, ...] = option((0.125, 0.25, 0.375, 0.5), "max_error and min_speedup: the ratios a group "
                                                                    "may take")
     allocation: Literal["uniform", "measured"] = option(
