@@ -256,7 +256,7 @@ class Prune(Pass):
                                  total, speedup_of, goal, ctx.progress, check)
         ratios = {id(g): strengths[plan.strengths[str(i)]] for i, g in enumerate(groups)}
         timed = ", ".join(f"{s:.2f}x" for _, s in plan.timed)
-        where = ("on the first sample" if timed_on[0] is None else f"at batch {timed_on[0]}") + ", 1 thread"
+        where = ("on the data's first entry" if timed_on[0] is None else f"at batch {timed_on[0]}") + ", 1 thread"
         if plan.met:
             notes.append(f"speed goal {goal}x: {plan.speedup:.2f}x {where}; {measure}: {plan.error:.4g} "
                          f"(models timed: {timed})")
