@@ -76,12 +76,13 @@ class PruneOptions:
             raise ValueError("max_error must be in (0, 1)")
         if self.ratio is not None and self.max_error is not None:
             raise ValueError("give ratio or max_error, not both")
-        if self.min_speedup is not None and (self.ratio is not None or self.max_error is not None):
-            raise ValueError("min_speedup chooses the ratios by itself: give it without ratio or max_error")
-        if self.min_speedup is not None and not self.min_speedup > 1:
-            raise ValueError("min_speedup must be above 1 (1.5: half as fast again)")
-        if self.min_speedup is not None and self.structure not in ("channels", "heads"):
-            raise ValueError("min_speedup applies to structure=channels or heads (zeros give no speed on CPU)")
+        if self.min_speedup is not None:
+            if self.ratio is not None or self.max_error is not None:
+                raise ValueError("min_speedup chooses the ratios by itself: give it without ratio or max_error")
+            if not self.min_speedup > 1:
+                raise ValueError("min_speedup must be above 1 (1.5: half as fast again)")
+            if self.structure not in ("channels", "heads"):
+                raise ValueError("min_speedup applies to structure=channels or heads (zeros give no speed on CPU)")
         if self.structure not in ("channels", "heads", "unstructured") and not re.fullmatch(r"\d+:\d+", self.structure):
             raise ValueError(f"structure must be channels, heads, unstructured or N:M, not {self.structure!r}")
         if ":" in self.structure:
@@ -242,14 +243,13 @@ class Prune(Pass):
         strengths = (0.0, *levels)
         feeds = batches.first_batch()
         per_unit, total = multiply_adds(model, view, groups, feeds)
+        timed_on: list[int | None] = []  # the batch each timing used (the guard slices it from `feeds`)
 
         def speedup_of(candidate: onnx.ModelProto) -> float:
             verdict = ctx.guard.check(model, candidate, feeds, batches=None if batches.per_entry else (8,),
                                       threads=(1,), clear_win=None, decisive=None)
             timed_on.append(verdict.checks[0].batch)
             return verdict.checks[0].speedup
-
-        timed_on: list[int | None] = []
 
         plan = budget.to_speedup(_GroupChoices(groups, strengths, build), error_of,
                                  lambda unit, s: per_unit[int(unit)] * self._removed(groups[int(unit)], strengths[s]),
