@@ -224,8 +224,10 @@ def _copied_dims(data: str, shape: str, view: GraphView, dims) -> list[int] | No
             continue
         unsqueeze = view.producer.get(piece)
         gather = view.producer.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
-        source = view.producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
-        index = view.constant(gather.input[1]) if gather is not None else None
+        if gather is None or gather.op_type != "Gather":  # a computed dim (ShuffleNet's Div by groups, then Cast)
+            return None
+        source = view.producer.get(gather.input[0])
+        index = view.constant(gather.input[1])
         if source is None or source.op_type != "Shape" or source.attribute or index is None or index.ndim != 0:
             return None
         position = len(target)

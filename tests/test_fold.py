@@ -223,6 +223,34 @@ def test_reshape_copying_dynamic_dims_gets_a_constant_shape():
         assert_same_outputs(model, result.model, {"x": np.random.rand(*shape).astype(np.float32)})
 
 
+def test_a_reshape_target_with_a_computed_dim_is_left_alone():
+    """ShuffleNet's channel shuffle as TorchScript writes it: one piece of the target is a dim divided
+    by the number of groups and cast, not a copy of an input dim (the fold crashed on it)."""
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 8, 3] x) => (float[B, 2, 4, 3] y) {
+        s = Shape(x)
+        i0 = Constant<value = int64 {0}>()
+        i1 = Constant<value = int64 {1}>()
+        two = Constant<value = int64 {2}>()
+        ax = Constant<value = int64[1] {0}>()
+        b = Gather(s, i0)
+        c = Gather(s, i1)
+        half = Div(c, two)
+        cast = Cast<to = 7>(half)
+        bu = Unsqueeze(b, ax)
+        cu = Unsqueeze(cast, ax)
+        groups = Constant<value = int64[1] {2}>()
+        rest = Constant<value = int64[1] {3}>()
+        shape = Concat<axis = 0>(bu, groups, cu, rest)
+        y = Reshape(x, shape)
+    }
+    """)
+    result = run_pass(FoldConstants, model)
+    onnx.checker.check_model(result.model)
+    assert_same_outputs(model, result.model, {"x": np.random.rand(2, 8, 3).astype(np.float32)})
+
+
 def test_reshapes_sharing_a_target_share_its_constant_copy():
     """Q, K and V's Reshapes read one target Concat (a ViT's TorchScript export): the static copy is
     made once, under a name nothing else has (once per Reshape, the checker refused the model)."""
