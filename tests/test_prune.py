@@ -547,6 +547,43 @@ def test_groups_sharing_a_bias_and_reshape_targets_prune_apart():
     assert shapes["p1.w"] == (8, 4) and shapes["p2.w"] == (8, 8) and shapes["o1.w"] == (4, 8)
 
 
+def size_read_for_another_tensor() -> onnx.ModelProto:
+    """nn.MultiheadAttention's export, reduced: x [N, 8] -> MatMul a -> Relu -> h; the fused projection
+    p [N, 16] of h is split to [N, 2, E] with E read off h at run time (Gather(Shape(h), 1)), so a's
+    channels shrink h but not p, and E with them."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((8, 8)) / 3).astype(np.float32), "a.w"),
+             numpy_helper.from_array((RNG.standard_normal((8, 16)) / 3).astype(np.float32), "p.w"),
+             numpy_helper.from_array(np.array([0], np.int64), "i0"), numpy_helper.from_array(np.array([1], np.int64), "i1"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"), numpy_helper.from_array(np.array([-1, 16], np.int64), "flat")]
+    nodes = [helper.make_node("MatMul", ["x", "a.w"], ["a"]), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("MatMul", ["h", "p.w"], ["p"]), helper.make_node("Shape", ["h"], ["shape"]),
+             helper.make_node("Gather", ["shape", "i0"], ["batch"]), helper.make_node("Gather", ["shape", "i1"], ["width"]),
+             helper.make_node("Concat", ["batch", "two", "width"], ["split_to"], axis=0),
+             helper.make_node("Reshape", ["p", "split_to"], ["parts"]), helper.make_node("Relu", ["parts"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat"], ["y"])]
+    graph = helper.make_graph(nodes, "size_read", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_size_read_off_the_group_that_shapes_another_tensor_blocks_it():
+    """Pruning a's channels would shrink E but not p: the Reshape would fail at run time. The group is
+    blocked with the Reshape named; the batch size read off h alone ties nothing."""
+    model = size_read_for_another_tensor()
+    groups, blocked = find_groups(model)
+    assert not any(m.slot.tensor == "a.w" for g in groups for m in g.members)
+    assert any("shapes p with a size read from the group" in b for b in blocked), blocked
+    unread = size_read_for_another_tensor()
+    unread.graph.node[6].input[2] = "eight"  # E a constant: a's width is read by nothing that p needs
+    unread.graph.initializer.append(numpy_helper.from_array(np.array([8], np.int64), "eight"))
+    groups, _ = find_groups(unread)
+    assert any(m.slot.tensor == "a.w" for g in groups for m in g.members)
+    feeds = {"x": RNG.standard_normal((3, 8)).astype(np.float32)}
+    pruned, _ = onnxopt.optimize(model, "prune:ratio=0.5,keep_if_slower=false", calib={"x": RNG.standard_normal(
+        (64, 8)).astype(np.float32)}, compare=False)
+    assert ort_run(pruned, feeds)[0].shape == (3, 16)
+
+
 def conv1d_net() -> onnx.ModelProto:
     """An audio front end: x [N, 4, 16] -> Conv1d(4 -> 8, k 3, pad 1) -> Relu -> Conv1d(8 -> 6, k 3,
     stride 2, pad 1), as Whisper's encoder starts."""

@@ -33,6 +33,7 @@ import onnx
 from onnxopt.graph import CONTRIB_ACTIVATIONS, GraphView, attribute, infer_dims, subgraph_inputs
 
 from .layout import LayoutRules
+from .targets import size_targets
 from .units import Blocked, Group, Member, ReshapeTarget, SliceBounds, Slot, SplitAcross, SplitPart
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
@@ -140,6 +141,7 @@ class _Finder(LayoutRules):
         roles: dict[Slot, str] = {}
         self._depthwise: dict[int, onnx.NodeProto] = {}
         self._size_reads: list[tuple[str, int]] = []  # (tensor, axis) whose run-time size a target takes
+        self._size_targets: list[tuple[str, str]] = []  # (Reshape or Expand, the tensor it shapes) by a size of ours
         self._reshaped = False
         self._seed = seed
         self._splits: list[tuple[onnx.NodeProto, int, Fraction, tuple[int, ...]]] = []
@@ -176,6 +178,11 @@ class _Finder(LayoutRules):
             if (tensor, axis) not in whole:
                 raise Blocked(f"a Reshape or Expand takes its size at the channel axis from {tensor}, which does "
                               "not shrink with the group")
+        tensors = {s.tensor for s in widths}
+        for where, tensor in self._size_targets:
+            if tensor not in tensors:
+                raise Blocked(f"{where} shapes {tensor} with a size read from the group, and {tensor} does not shrink "
+                              "with it")
         # each target edit once per output range: the parts of a fused projection through one Reshape add up
         reshapes = list({(id(n), a, lo, hi): (n, a, w) for n, a, w, lo, hi in reshapes}.values())
         scale = math.lcm(*(w.denominator for w in widths.values()), *(w.denominator for _, _, w in reshapes),
@@ -212,6 +219,10 @@ class _Finder(LayoutRules):
         if node.domain not in ("", "ai.onnx"):
             raise Blocked(f"{op} (domain {node.domain}) has no pruning rule")
         if op in SHAPE_READERS:
+            try:
+                self._size_targets += size_targets(node, slot.axis, self.view, self._rank(slot.tensor))
+            except ValueError as exc:
+                raise Blocked(f"the size of {slot.tensor} at the channel axis reaches {exc}, which has no rule") from None
             return []
         position = [i for i, n in enumerate(node.input) if n == slot.tensor]
         is_output = slot.tensor in node.output

@@ -183,3 +183,59 @@ def evaluated_ints(name: str, view: GraphView, dims: dict, depth: int = 0) -> np
     if node.op_type == "Concat":
         return np.concatenate([v.reshape(-1) for v in inputs])
     return None
+
+
+# ops through which a size read at run time flows on to a target (shape arithmetic)
+SIZE_ARITHMETIC = {"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Identity", "Mul", "Div", "Add",
+                   "Sub", "Mod", "Neg", "Abs", "Max", "Min", "Where", "Equal", "Less", "Greater", "Not",
+                   "ReduceProd", "ReduceSum", "Floor", "Ceil", "Reshape"}
+
+
+def size_targets(shape: onnx.NodeProto, axis: int, view: GraphView, rank: int) -> list[tuple[str, str]]:
+    """Where the size at `axis` of the tensor that `shape` (a Shape or Size node) reads ends up as a
+    Reshape's or Expand's target, a Slice's bounds or a Gather's indices: [(the node's name, the
+    tensor it shapes or cuts)]. Such a size follows
+    the group when it shrinks, so the reshaped tensor must shrink with it (nn.MultiheadAttention's
+    export splits its fused projection into (3, E) with E read off the query, which shrinks on its
+    input side only). Gather and Slice with constant indices that skip `axis` drop the size; past
+    them it is followed through shape arithmetic. Raises ValueError where it reaches an op that is
+    not shape arithmetic, naming it."""
+    start, end = attribute(shape, "start", 0), attribute(shape, "end", rank)
+    start, end = start % rank if start < 0 else min(start, rank), end % rank if end < 0 else min(end, rank)
+    if shape.op_type == "Shape" and not start <= axis < end:
+        return []
+    found: list[tuple[str, str]] = []
+    # (tensor, position of the size in it while it is still Shape's vector, else None)
+    todo, seen = [(shape.output[0], axis - start if shape.op_type == "Shape" else None)], set()
+    while todo:
+        name, position = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in view.consumers.get(name, []):
+            if node.op_type in ("Reshape", "Expand", "Slice", "Gather") and node.input[0] != name:
+                # a target, bounds or indices: what they cut or shape must shrink too (a chunk's bounds)
+                found.append((node.name or node.output[0], node.input[0]))
+                continue
+            if node.op_type in ("Shape", "Size"):  # the length of a shape vector, not the size in it
+                continue
+            if node.op_type not in SIZE_ARITHMETIC:
+                raise ValueError(f"{node.op_type} '{node.name or node.output[0]}'")
+            if position is not None and node.input[0] == name and node.op_type in ("Gather", "Slice") \
+                    and not _picks(node, position, view):
+                continue
+            todo += [(out, None) for out in node.output if out]
+    return found
+
+
+def _picks(node: onnx.NodeProto, position: int, view: GraphView) -> bool:
+    """Whether a Gather or Slice of a shape vector keeps element `position` (True when unsure)."""
+    if node.op_type == "Gather":
+        index = view.constant(node.input[1]) if len(node.input) > 1 else None
+        return index is None or position in [int(i) for i in index.reshape(-1)] or any(i < 0 for i in index.reshape(-1))
+    bounds = [view.constant(n) if n else None for n in node.input[1:5]]
+    if any(b is None for b in bounds[:2]) or bounds[0].size != 1 or \
+            any(b is not None and b.reshape(-1).tolist() not in ([0], [1]) for b in bounds[2:]):
+        return True
+    lo, hi = int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0])
+    return lo < 0 or hi < 0 or lo <= position < hi
