@@ -109,6 +109,44 @@ def test_removing_dead_units_changes_nothing_and_live_ones_do(weight, units):
     assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
 
 
+def upsampling_net(opset: int) -> onnx.ModelProto:
+    """x [N, 3, 4, 4] -> conv a (8) -> Relu -> Resize x2 (constant scales, as a U-Net upsamples) -> conv b
+    (6) -> Relu -> ReduceMean over H, W dropping them (a classifier's x.mean((2, 3))) -> Gemm (4)."""
+    inits = conv("a", 3, 8, 3) + conv("b", 8, 6, 3) + [
+        numpy_helper.from_array((RNG.standard_normal((4, 6)) / 2).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    mean = helper.make_node("ReduceMean", ["rb"] + (["axes"] if opset >= 18 else []), ["pooled"], keepdims=0,
+                            **({} if opset >= 18 else {"axes": [2, 3]}))
+    nodes = [helper.make_node("Conv", ["x", "a.w", "a.b"], ["ca"], pads=[1] * 4),
+             helper.make_node("Relu", ["ca"], ["ra"]),
+             helper.make_node("Resize", ["ra", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Conv", ["up", "b.w", "b.b"], ["cb"], pads=[1] * 4),
+             helper.make_node("Relu", ["cb"], ["rb"]), mean,
+             helper.make_node("Gemm", ["pooled", "fc.w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "upsampling", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("weight, units", [("a.w", [1, 6]), ("b.w", [0, 3])])
+def test_channels_pass_through_a_resize_and_a_mean_that_drops_the_spatial_axes(opset, weight, units):
+    model = upsampling_net(opset)
+    group = group_of(model, weight)
+    dead = kill(model, group, units)
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
+    onnx.checker.check_model(pruned)
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    live = [u for u in range(group.units) if u not in units][:len(units)]
+    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
+    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+    scaled = upsampling_net(opset)
+    scaled.graph.initializer[-2].CopyFrom(numpy_helper.from_array(np.array([1, 2, 2, 2], np.float32), "scales"))
+    assert weight == "b.w" or not any(m.slot.tensor == "a.w" for g in find_groups(scaled)[0] for m in g.members)
+
+
 @pytest.mark.parametrize("target", [[-1, 128], [0, -1]])
 def test_a_flatten_written_as_a_reshape_prunes_in_channel_blocks(target):
     """Conv [2, 8, 4, 4] -> Reshape(target) [2, 128] -> MatMul, as torch's dynamo exporter writes

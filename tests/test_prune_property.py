@@ -1,5 +1,5 @@
 """A property of `prune`: on any small graph built from the blocks real CNNs and MLPs use (convs,
-depthwise convs, residual Adds, Concats, MatMul/Gemm chains), at any ratio, the pruned model is
+depthwise convs, residual Adds, Concats, upsampling Resizes, MatMul/Gemm chains), at any ratio, the pruned model is
 valid, loads in ONNX Runtime, keeps its output shapes and has no more weights than before."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-BLOCKS = ("conv", "depthwise", "residual", "concat")
+BLOCKS = ("conv", "depthwise", "residual", "concat", "upsample")
 
 
 class Builder:
@@ -59,10 +59,17 @@ def cnn(blocks: list[tuple[str, int]], seed: int) -> onnx.ModelProto:
         elif kind == "residual":
             inner = b.conv(x, channels, width)
             x = b.node("Relu", [b.node("Add", [x, b.conv(inner, width, channels)])])
+        elif kind == "upsample":  # a U-Net's Resize by constant scales, pooled back to the same size
+            scales = b.name("scales")
+            b.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), scales))
+            x = b.node("MaxPool", [b.conv(b.node("Resize", [x, "", scales]), channels, width)], kernel_shape=[2, 2],
+                       strides=[2, 2])
+            channels = width
         else:
             side = b.conv(x, channels, width, k=1)
             x, channels = b.node("Concat", [x, side], axis=1), channels + width
-    flat = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    flat = b.node("ReduceMean", [x], axes=[2, 3], keepdims=0) if seed % 2 else \
+        b.node("Flatten", [b.node("GlobalAveragePool", [x])])  # x.mean((2, 3)) or a global pool
     y = b.node("Gemm", [flat, b.weight((5, channels), channels), b.bias(5)], transB=1)
     b.nodes[-1].output[0] = "y"
     return _model(b, ["N", 3, 6, 6], ["N", 5], y)

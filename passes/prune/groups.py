@@ -258,6 +258,8 @@ class _Finder(LayoutRules):
             if slot.axis > 1:
                 raise Blocked(f"{op} pools over that axis")
             return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+        if op in ("Resize", "Upsample"):
+            return self._resize(node, slot, position, same)
         if op == "Conv":
             return self._conv(node, slot, width, roles, sources)
         if op in ("MatMul", "Gemm"):
@@ -290,21 +292,41 @@ class _Finder(LayoutRules):
             return self._split(node, slot, width, is_output)
         return self._block(op, "has no pruning rule")
 
+    def _resize(self, node, slot: Slot, position, same) -> list:
+        """Resizing by constant scales (a U-Net's or an FPN's upsampling) passes the channel axis
+        through where its scale is 1; sizes computed at run time block it."""
+        if position and position[0] > 0:
+            raise Blocked(f"it reaches {node.op_type}'s scales or sizes")
+        at = 1 if node.op_type == "Upsample" or len(node.input) == 2 else 2  # opset 10's Resize(X, scales)
+        given = node.input[at] if len(node.input) > at else ""
+        scales = self.view.constant(given) if given else None
+        if (len(node.input) > 3 and node.input[3]) or scales is None or scales.size == 0:
+            raise Blocked(f"{node.op_type} takes sizes, or scales computed at run time")
+        rank = self._rank(node.input[0])
+        axes = [int(a) % rank for a in attribute(node, "axes", list(range(rank)))]
+        if slot.axis in axes and float(scales.reshape(-1)[axes.index(slot.axis)]) != 1.0:
+            raise Blocked(f"{node.op_type} scales that axis of {node.input[0]}")
+        return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+
     def _reduce(self, node, slot: Slot, position, same) -> list:
-        """A reduction that keeps its dims (keepdims=1) over axes other than the channel's: the
-        channel axis passes through (`fuse`'s Softmax floor reduces each attention row this way)."""
+        """A reduction over axes other than the channel's: the channel axis passes through (`fuse`'s
+        Softmax floor reduces each attention row this way), moved down by the axes dropped before it
+        when keepdims=0 (a classifier's global mean written as x.mean((2, 3)))."""
         if position and position[0] > 0:
             raise Blocked(f"it reaches {node.op_type}'s axes")
         axes = attribute(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1]:
             constant = self.view.constant(node.input[1])
             axes = None if constant is None else constant.reshape(-1).tolist()
-        if axes is None or not attribute(node, "keepdims", 1):
-            raise Blocked(f"{node.op_type} reduces all axes, computed axes or drops them")
+        if not axes:
+            raise Blocked(f"{node.op_type} reduces all axes or computed axes")
         rank = self._rank(node.input[0])
-        if slot.axis in {int(a) % rank for a in axes}:
+        reduced = {int(a) % rank for a in axes}
+        kept = [a for a in range(rank) if a not in reduced or attribute(node, "keepdims", 1)]  # output axis -> input
+        axis_in = slot.axis if position else kept[slot.axis]
+        if axis_in in reduced:
             raise Blocked(f"{node.op_type} reduces over that axis of {node.input[0]}")
-        return [same(node.input[0], slot.axis), same(node.output[0], slot.axis)]
+        return [same(node.input[0], axis_in), same(node.output[0], kept.index(axis_in))]
 
 
 
