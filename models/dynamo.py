@@ -52,14 +52,16 @@ def _check_against(path: Path, reference: Path, feeds: dict[str, np.ndarray], at
         raise RuntimeError(f"{path.name} differs from {reference.name} by {np.abs(got - want).max():.3g}")
 
 
-def minilm(force: bool = False, opset: int = OPSET) -> Path:
-    """all-MiniLM-L6-v2's encoder, inputs and output named as in ``minilm.build()``."""
+def minilm(force: bool = False, opset: int = OPSET, attention: str = "eager") -> Path:
+    """all-MiniLM-L6-v2's encoder, inputs and output named as in ``minilm.build()``; `attention="sdpa"`
+    (transformers' default) writes ``build/minilm_dynamo_sdpa.onnx``."""
     path = MINILM_PATH if opset == OPSET else MINILM_PATH.with_name(f"minilm_dynamo{opset}.onnx")
+    path = path if attention == "eager" else path.with_name(path.stem + f"_{attention}.onnx")
     if not force and is_fresh([path], (*_SOURCES, minilm_builder.__file__)):
         return path
     import torch
 
-    encoder = minilm_builder._encoder_module(minilm_builder.torch_model())
+    encoder = minilm_builder._encoder_module(minilm_builder.torch_model(attention))
     feeds = minilm_builder.encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
     names = list(minilm_builder.INPUT_NAMES)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")

@@ -70,13 +70,15 @@ def embed(last_hidden_state: np.ndarray, attention_mask: np.ndarray) -> np.ndarr
     return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
 
-def torch_model():
-    """The transformers BERT encoder in eval mode (eager attention, so it traces to plain ONNX ops)."""
+def torch_model(attention: str = "eager"):
+    """The transformers BERT encoder in eval mode: eager attention, so it traces to plain ONNX ops, or
+    `attention="sdpa"`, transformers' default, which exports through torch's scaled_dot_product_attention
+    (an IsNaN guard on the softmax; dynamo's keys transposed through batch * heads)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(str(model_dir()), local_files_only=True, attn_implementation="eager")
+    model = AutoModel.from_pretrained(str(model_dir()), local_files_only=True, attn_implementation=attention)
     return model.eval()
 
 
@@ -140,20 +142,22 @@ def verify(path: Path, atol: float = ATOL) -> float:
     return diff
 
 
-def build(force: bool = False, opset: int = OPSET) -> Path:
+def build(force: bool = False, opset: int = OPSET, attention: str = "eager") -> Path:
     """Export, check and verify ``build/minilm.onnx`` unless it is already up to date; returns its path.
     Another `opset` writes ``build/minilm_opset<N>.onnx``: before opset 13 Unsqueeze and ReduceMean take
     their axes as attributes, Softmax coerces its input to 2-D, and the exporter builds the attention
     mask with a Reshape to a computed shape (opset 11 is how many BERT exports on model hubs come;
-    before 17 LayerNorm is written out as ReduceMean, Sub, Pow, Sqrt, Div)."""
+    before 17 LayerNorm is written out as ReduceMean, Sub, Pow, Sqrt, Div). `attention="sdpa"` writes
+    ``build/minilm_sdpa.onnx`` (see `torch_model`)."""
     path = ONNX_PATH if opset == OPSET else BUILD_DIR / f"minilm_opset{opset}.onnx"
+    path = path if attention == "eager" else path.with_name(path.stem + f"_{attention}.onnx")
     if not force and is_fresh([path], _SOURCES):
         return path
     import onnx
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    encoder = _encoder_module(torch_model())
+    encoder = _encoder_module(torch_model(attention))
     feeds = encode(["Export sample sentence.", "Another, slightly longer, example input."], seq_len=16)
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
     axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}

@@ -92,3 +92,29 @@ def test_at_opset_21_with_onnx_gelu_quant_and_prune_keep_minilm_close():
     assert report.passes[-1]["counts"]["weights quantized"] == 36 and report.agreement.cosine >= 0.98
     _, report = onnxopt.optimize(str(path), "prune:ratio=0.5,keep_if_slower=false", calib=calib, runs=0)
     assert report.passes[0]["counts"]["groups pruned"] == 6 and report.agreement.cosine >= 0.93
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_heads_prune_through_transformers_default_attention(exporter):
+    """transformers' default attention (sdpa) exports through torch's scaled_dot_product_attention:
+    TorchScript guards the softmax with IsNaN, dynamo transposes the keys through [batch * heads, seq,
+    dim]. Each blocked every head group. Each layer's heads must be one group, as in the eager
+    export; the keys' transpose, rewritten as one Transpose, must compute what it did; heads pruned at
+    0.5 stay as close as on the eager export."""
+    from models import dynamo, minilm
+    from onnxopt.passes.prune import Prune
+    from onnxopt.passes.prune.canonical import merged_axis_transposes
+
+    path = minilm.build(attention="sdpa") if exporter == "torchscript" else dynamo.minilm(attention="sdpa")
+    original = onnx.load(str(path))
+    feeds = minilm.encode(["A sentence of another length than the calibration's.", "Short."], seq_len=24)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(original)
+    shapes = Prune()._shapes(rewritten, onnxopt.PassContext(sample_inputs=[feeds]), None)
+    assert merged_axis_transposes(rewritten, shapes) == (6 if exporter == "dynamo" else 0)
+    np.testing.assert_allclose(ort_run(rewritten, feeds)[0], ort_run(original, feeds)[0], atol=1e-5)
+    spec = "prune:structure=heads,ratio=0.5,keep_if_slower=false"
+    model, report = onnxopt.optimize(str(path), spec, calib=str(minilm.calibration_npz()), runs=0)
+    assert report.passes[0]["counts"]["groups pruned"] == 6 and report.agreement.cosine >= MINILM_PIPELINES[spec]
+    onnx.checker.check_model(model, full_check=True)
+    assert ort_run(model, feeds)[0].shape == (2, 24, 384)

@@ -622,6 +622,31 @@ def test_a_size_read_off_the_group_that_shapes_another_tensor_blocks_it():
     assert ort_run(pruned, feeds)[0].shape == (3, 16)
 
 
+@pytest.mark.parametrize("perm, rewritten", [([0, 2, 1], 1), ([1, 0, 2], 0)])
+def test_a_transpose_through_merged_leading_axes_becomes_one_transpose(perm, rewritten):
+    """dynamo's scaled_dot_product_attention transposes the keys [b, h, s, d] as Reshape [b * h, s, d],
+    Transpose [0, 2, 1], Reshape [b, h, d, s]: one Transpose [0, 1, 3, 2], with the heads left whole.
+    Another transpose between the Reshapes moves values across the merged axis and stays."""
+    from onnxopt.passes.prune.canonical import merged_axis_transposes
+
+    out_shape = [2, 3, 5, 4] if perm == [0, 2, 1] else [2, 3, 4, 5]
+    inits = [numpy_helper.from_array(np.array([-1, 4, 5], np.int64), "merge"),
+             numpy_helper.from_array(np.array(out_shape, np.int64), "split")]
+    nodes = [helper.make_node("Reshape", ["x", "merge"], ["merged"]),
+             helper.make_node("Transpose", ["merged"], ["t"], perm=perm),
+             helper.make_node("Reshape", ["t", "split"], ["y"])]
+    graph = helper.make_graph(nodes, "keys", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert merged_axis_transposes(model, {}) == rewritten
+    assert [n.op_type for n in model.graph.node] == (["Transpose"] if rewritten else ["Reshape", "Transpose", "Reshape"])
+    assert len(model.graph.initializer) == 2 - 2 * rewritten  # the targets went with their Reshapes
+    x = {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_run(model, x)[0], ort_run(before, x)[0])
+
+
 def conv1d_net() -> onnx.ModelProto:
     """An audio front end: x [N, 4, 16] -> Conv1d(4 -> 8, k 3, pad 1) -> Relu -> Conv1d(8 -> 6, k 3,
     stride 2, pad 1), as Whisper's encoder starts."""

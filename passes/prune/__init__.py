@@ -29,6 +29,7 @@ from onnxopt.surgery import constants_to_initializers, unshare_vectors
 
 from . import importance as importance_
 from .cost import multiply_adds
+from .canonical import merged_axis_transposes
 from .groups import Group, find_groups, shape_probes
 from .recover import bias_of, refit
 from .shrink import shrink
@@ -126,7 +127,9 @@ class Prune(Pass):
         constants_to_initializers(model.graph)
         unshare_vectors(model.graph)  # equal biases fold merged must not tie unrelated channels
         batches = ctx.data.batches(model, options.batch_size, options.samples, trim_padding=True) if ctx.data else None
-        groups, blocked = find_groups(model, self._shapes(model, ctx, batches))
+        shapes = self._shapes(model, ctx, batches)
+        merged_axis_transposes(model, shapes)  # dynamo's attention transposes keys through batch * heads
+        groups, blocked = find_groups(model, shapes)
         groups = [g for g in groups if self._wanted(g)]
         if not groups:
             return PassResult(model, changed=False, skipped=["no prunable layer"] + blocked[:20], notes=notes)

@@ -38,7 +38,8 @@ from .units import Blocked, Group, Member, ReshapeTarget, SliceBounds, Slot, Spl
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Erf", "Gelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
          "Softplus", "Softsign", "Cast", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
-         "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu", "ThresholdedRelu", "Clip", "Not"}
+         "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mish", "Celu", "ThresholdedRelu", "Clip", "Not",
+         "IsNaN", "IsInf"}  # IsNaN: TorchScript's scaled_dot_product_attention zeroes fully masked rows
 BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "PRelu", "Equal", "Greater", "Less",
              "And", "Or", "Xor", "Mod", "Sum", "Mean", "BitShift"}
 REDUCE = {"ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"}
