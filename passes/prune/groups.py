@@ -142,7 +142,7 @@ class _Finder(LayoutRules):
         roles: dict[Slot, str] = {}
         self._depthwise: dict[int, onnx.NodeProto] = {}
         self._size_reads: list[tuple[str, int]] = []  # (tensor, axis) whose run-time size a target takes
-        self._size_targets: list[tuple[str, str]] = []  # (Reshape or Expand, the tensor it shapes) by a size of ours
+        self._size_targets: list[tuple[str, str]] = []  # (node, the tensor it shapes or cuts) by a size of ours
         self._reshaped = False
         self._seed = seed
         self._splits: list[tuple[onnx.NodeProto, int, Fraction, tuple[int, ...]]] = []

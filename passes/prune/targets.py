@@ -194,12 +194,11 @@ SIZE_ARITHMETIC = {"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", 
 def size_targets(shape: onnx.NodeProto, axis: int, view: GraphView, rank: int) -> list[tuple[str, str]]:
     """Where the size at `axis` of the tensor that `shape` (a Shape or Size node) reads ends up as a
     Reshape's or Expand's target, a Slice's bounds or a Gather's indices: [(the node's name, the
-    tensor it shapes or cuts)]. Such a size follows
-    the group when it shrinks, so the reshaped tensor must shrink with it (nn.MultiheadAttention's
-    export splits its fused projection into (3, E) with E read off the query, which shrinks on its
-    input side only). Gather and Slice with constant indices that skip `axis` drop the size; past
-    them it is followed through shape arithmetic. Raises ValueError where it reaches an op that is
-    not shape arithmetic, naming it."""
+    tensor it shapes or cuts)]. Such a size follows the group when it shrinks, so what it shapes or
+    cuts must shrink too (nn.MultiheadAttention's export splits its fused projection into (3, E) with
+    E read off the query, which shrinks on its input side only). Gather and Slice with constant
+    indices that skip `axis` drop the size; past them it is followed through shape arithmetic.
+    Raises ValueError, naming the node, where it reaches an op that is not shape arithmetic."""
     start, end = attribute(shape, "start", 0), attribute(shape, "end", rank)
     start, end = start % rank if start < 0 else min(start, rank), end % rank if end < 0 else min(end, rank)
     if shape.op_type == "Shape" and not start <= axis < end:
