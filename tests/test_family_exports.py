@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 EXPORTS = [(name, 17, False) for name in ("shufflenet", "mobilenetv3", "unet", "densenet", "audio_attention")]
 EXPORTS += [(name, 18, True) for name, _, _ in EXPORTS] + [(name, 13, False) for name, _, _ in EXPORTS[:4]]
 # the groups each family must keep (more is fine): each number fell when a rule it needs was missing
-LEAST_GROUPS = {"shufflenet": 3, "mobilenetv3": 7, "unet": 5, "densenet": 7, "audio_attention": 2}
+LEAST_GROUPS = {"shufflenet": 3, "mobilenetv3": 7, "unet": 6, "densenet": 7, "audio_attention": 2}
 
 
 def _export(name, opset, dynamo):

@@ -147,6 +147,39 @@ def test_channels_pass_through_a_resize_and_a_mean_that_drops_the_spatial_axes(o
     assert weight == "b.w" or not any(m.slot.tensor == "a.w" for g in find_groups(scaled)[0] for m in g.members)
 
 
+def conv_transpose_net() -> onnx.ModelProto:
+    """x [N, 4, 4, 4]: conv a (8) -> Relu -> ConvTranspose u (6, kernel 2, stride 2), added to conv c (6)
+    of x resized x2; Relu -> conv d (3). a's channels are u's inputs; c's are tied to u's outputs."""
+    w = (RNG.standard_normal((8, 6, 2, 2)) / 4).astype(np.float32)
+    inits = conv("a", 4, 8, 3) + conv("c", 4, 6, 3) + conv("d", 6, 3, 1) + [
+        numpy_helper.from_array(w, "u.w"), numpy_helper.from_array((0.1 * RNG.standard_normal(6)).astype(np.float32), "u.b"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "a.w", "a.b"], ["ca"], pads=[1] * 4), helper.make_node("Relu", ["ca"], ["ra"]),
+             helper.make_node("ConvTranspose", ["ra", "u.w", "u.b"], ["up"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Resize", ["x", "", "scales"], ["big"], mode="nearest"),
+             helper.make_node("Conv", ["big", "c.w", "c.b"], ["cc"], pads=[1] * 4),
+             helper.make_node("Add", ["up", "cc"], ["s"]), helper.make_node("Relu", ["s"], ["rs"]),
+             helper.make_node("Conv", ["rs", "d.w", "d.b"], ["y"])]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("weight, units", [("a.w", [0, 5]), ("c.w", [1, 4])])
+def test_a_conv_transpose_prunes_on_its_input_and_its_output_side(weight, units):
+    model = conv_transpose_net()
+    group = group_of(model, weight)
+    assert any(m.slot.tensor == "u.w" and m.slot.axis == (0 if weight == "a.w" else 1) for m in group.members)
+    dead = kill(model, group, units)
+    x = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
+    onnx.checker.check_model(pruned)
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    live = [u for u in range(group.units) if u not in units][:len(units)]
+    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
+    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+
+
 @pytest.mark.parametrize("target", [[-1, 128], [0, -1]])
 def test_a_flatten_written_as_a_reshape_prunes_in_channel_blocks(target):
     """Conv [2, 8, 4, 4] -> Reshape(target) [2, 128] -> MatMul, as torch's dynamo exporter writes

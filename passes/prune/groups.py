@@ -263,6 +263,8 @@ class _Finder(LayoutRules):
             return self._resize(node, slot, position, same)
         if op == "Conv":
             return self._conv(node, slot, width, roles, sources)
+        if op == "ConvTranspose":
+            return self._conv_transpose(node, slot, width)
         if op in ("MatMul", "Gemm"):
             return self._matmul(node, slot, width, roles, sources)
         if op == "Transpose":
@@ -392,6 +394,21 @@ class _Finder(LayoutRules):
         if slot.tensor == node.input[1] and slot.axis == 1:  # the weight's input channels: back to its input
             return [(Slot(node.input[0], 1, slot.lo, slot.hi), width)]
         raise Blocked("Conv convolves over that axis")
+
+    def _conv_transpose(self, node, slot: Slot, width: Fraction) -> list:
+        """A ConvTranspose without groups (a U-Net's or a generator's upsampling): its input channel c
+        is its weight's row c, its output channel c the weight's column c and bias c. Its slices go as
+        parameters: it neither starts a group nor is refit."""
+        if self.view.constant(node.input[1]) is None or attribute(node, "group", 1) != 1:
+            raise Blocked("ConvTranspose with groups or a computed weight")
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        tied = lambda name, axis: (Slot(name, axis, slot.lo, slot.hi), width)  # noqa: E731
+        if (slot.tensor == node.input[0] and slot.axis == 1) or (slot.tensor == node.input[1] and slot.axis == 0):
+            return [tied(node.input[0], 1), tied(node.input[1], 0)]
+        if (slot.tensor == node.output[0] and slot.axis == 1) or (slot.tensor == node.input[1] and slot.axis == 1) \
+                or slot.tensor == bias:
+            return [tied(node.output[0], 1), tied(node.input[1], 1)] + ([tied(bias, 0)] if bias else [])
+        raise Blocked("ConvTranspose convolves over that axis")
 
     def _matmul(self, node, slot: Slot, width: Fraction, roles, sources) -> list:
         a, b = node.input[0], node.input[1]
