@@ -10,6 +10,8 @@ exactness, validity), not accuracy. Nothing is trained; weights are seeded.
 - ``unet``: a two-level U-Net: MaxPool down, a ConvTranspose and a nearest-neighbour Resize up,
   skip connections by Concat.
 - ``densenet``: dense blocks, each layer's output concatenated to all before it.
+- ``resnext``: ResNeXt's bottleneck (a 3x3 Conv in 8 groups between 1x1s, a residual Add), then a
+  depthwise Conv with multiplier 2 and a per-channel PReLU.
 - ``audio_attention``: Conv1d front end, then ``nn.MultiheadAttention`` (its fused input projection
   split into (3, E) with E read off the query at run time).
 
@@ -29,7 +31,7 @@ if __package__ in (None, ""):
 
 from models._common import BUILD_DIR, atomic_path, is_fresh
 
-NAMES = ("shufflenet", "mobilenetv3", "unet", "densenet", "audio_attention")
+NAMES = ("shufflenet", "mobilenetv3", "unet", "densenet", "resnext", "audio_attention")
 SHAPES = {"audio_attention": (40, 50)}  # the others take [N, 3, 32, 32] images
 _SOURCES = (__file__, Path(__file__).with_name("_common.py"))
 
@@ -108,6 +110,19 @@ def _module(name: str):
                 x = torch.cat([x, layer(x)], 1)
             return self.fc(x.mean((2, 3)))
 
+    class ResNeXt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(*conv_bn(3, 32, 3))
+            self.block = nn.Sequential(*conv_bn(32, 64), *conv_bn(64, 64, 3, groups=8), *conv_bn(64, 32, act=None))
+            self.wide = nn.Sequential(*conv_bn(32, 64, 3, groups=32, act=None), nn.PReLU(64))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = F.relu(x + self.block(x))
+            return self.fc(self.wide(x).mean((2, 3)))
+
     class AudioAttention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -121,7 +136,7 @@ def _module(name: str):
             return self.fc(t.mean(1))
 
     classes = {"shufflenet": ShuffleNet, "mobilenetv3": MobileNetV3, "unet": UNet, "densenet": DenseNet,
-               "audio_attention": AudioAttention}
+               "resnext": ResNeXt, "audio_attention": AudioAttention}
     if name not in classes:
         raise ValueError(f"unknown model {name}; one of {', '.join(NAMES)}")
     torch.manual_seed(0)

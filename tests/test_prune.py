@@ -147,6 +147,44 @@ def test_channels_pass_through_a_resize_and_a_mean_that_drops_the_spatial_axes(o
     assert weight == "b.w" or not any(m.slot.tensor == "a.w" for g in find_groups(scaled)[0] for m in g.members)
 
 
+def grouped_net() -> onnx.ModelProto:
+    """ResNeXt's bottleneck: x [N, 4, 6, 6] -> conv a 1x1 (8) -> Relu -> conv g 3x3 in 4 groups (8 -> 8)
+    -> Relu -> conv b 1x1 (4), added to x; then conv e 1x1 (4) -> Relu -> a depthwise conv with
+    multiplier 2 (4 -> 8) -> Relu -> conv c 1x1 (3)."""
+    inits = conv("a", 4, 8, 1) + conv("g", 8, 8, 3, group=4) + conv("b", 8, 4, 1) + conv("e", 4, 4, 1) \
+        + conv("m", 4, 8, 3, group=4) + conv("c", 8, 3, 1)
+    nodes = [helper.make_node("Conv", ["x", "a.w", "a.b"], ["ca"]), helper.make_node("Relu", ["ca"], ["ra"]),
+             helper.make_node("Conv", ["ra", "g.w", "g.b"], ["cg"], pads=[1] * 4, group=4),
+             helper.make_node("Relu", ["cg"], ["rg"]), helper.make_node("Conv", ["rg", "b.w", "b.b"], ["cb"]),
+             helper.make_node("Add", ["cb", "x"], ["s"]), helper.make_node("Conv", ["s", "e.w", "e.b"], ["ce"]),
+             helper.make_node("Relu", ["ce"], ["re"]),
+             helper.make_node("Conv", ["re", "m.w", "m.b"], ["cm"], pads=[1] * 4, group=4),
+             helper.make_node("Relu", ["cm"], ["rm"]), helper.make_node("Conv", ["rm", "c.w", "c.b"], ["y"])]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("weight, units", [("a.w", [1, 2]), ("e.w", [0, 3])])
+def test_grouped_convs_prune_whole_conv_groups(weight, units):
+    """A unit is one conv group: a's channels go in pairs with g's groups, e's one by one with the
+    depthwise multiplier's (each one input and two output channels); the grouped Conv keeps 2 of its
+    4 groups. b's channels are x's (the residual): blocked."""
+    model = grouped_net()
+    group = group_of(model, weight)
+    assert group.units == 4 and [n.output[0] for n, _ in group.grouped] == (["cg"] if weight == "a.w" else ["cm"])
+    dead = kill(model, group, units)
+    x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
+    onnx.checker.check_model(pruned)
+    layer = next(n for n in pruned.graph.node if n.output[0] == ("cg" if weight == "a.w" else "cm"))
+    assert next(a.i for a in layer.attribute if a.name == "group") == 2
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    live = [u for u in range(group.units) if u not in units][:len(units)]
+    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
+    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+
+
 def conv_transpose_net() -> onnx.ModelProto:
     """x [N, 4, 4, 4]: conv a (8) -> Relu -> ConvTranspose u (6, kernel 2, stride 2), added to conv c (6)
     of x resized x2; Relu -> conv d (3). a's channels are u's inputs; c's are tied to u's outputs."""

@@ -140,7 +140,7 @@ class _Finder(LayoutRules):
     def walk(self, seed: Slot, layer: onnx.NodeProto) -> Group:
         widths: dict[Slot, Fraction] = {}
         roles: dict[Slot, str] = {}
-        self._depthwise: dict[int, onnx.NodeProto] = {}
+        self._grouped: dict[int, tuple[onnx.NodeProto, Fraction]] = {}  # Conv -> (it, its conv groups a width holds)
         self._size_reads: list[tuple[str, int]] = []  # (tensor, axis) whose run-time size a target takes
         self._size_targets: list[tuple[str, str]] = []  # (node, the tensor it shapes or cuts) by a size of ours
         self._reshaped = False
@@ -187,7 +187,8 @@ class _Finder(LayoutRules):
         # each target edit once per output range: the parts of a fused projection through one Reshape add up
         reshapes = list({(id(n), a, lo, hi): (n, a, w) for n, a, w, lo, hi in reshapes}.values())
         scale = math.lcm(*(w.denominator for w in widths.values()), *(w.denominator for _, _, w in reshapes),
-                         *(w.denominator for _, _, w, _ in self._splits))
+                         *(w.denominator for _, _, w, _ in self._splits),
+                         *(w.denominator for _, w in self._grouped.values()))  # a unit is whole conv groups
         units = Fraction(seed.hi - seed.lo) / (widths[seed] * scale)
         if units.denominator != 1 or units < 2:
             raise Blocked("its channels do not split into whole units")
@@ -197,7 +198,8 @@ class _Finder(LayoutRules):
             sources = [layer.name or layer.output[0]]
         splits = {(id(n), i): SplitPart(n, i, int(w * scale), sizes) for n, i, w, sizes in self._splits}
         return Group(int(units), members, [ReshapeTarget(n, a, int(w * scale)) for n, a, w in reshapes],
-                     list(dict.fromkeys(sources)), list(self._depthwise.values()), self._reshaped,
+                     list(dict.fromkeys(sources)), [(n, int(w * scale)) for n, w in self._grouped.values()],
+                     self._reshaped,
                      list(splits.values()), list(self._slices.values()))
 
     # ------------------------------------------------------------------ op rules
@@ -366,23 +368,14 @@ class _Finder(LayoutRules):
         if weight is None:
             raise Blocked("a Conv's weight is not constant")
         group = attribute(node, "group", 1)
-        depthwise = group > 1 and weight.shape[1] == 1 and group == weight.shape[0]
-        if group > 1 and not depthwise:
-            raise Blocked("grouped Conv ties channels in ways not handled")
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        on_output_axis = (slot.tensor == node.output[0] and slot.axis == 1) or \
+            (slot.tensor == node.input[1] and slot.axis == 0) or slot.tensor == bias
+        if group > 1:
+            return self._grouped_conv(node, slot, width, roles, weight.shape, on_output_axis, bias)
         out = [(Slot(node.output[0], 1, slot.lo, slot.hi), width), (Slot(node.input[1], 0, slot.lo, slot.hi), width)]
         if bias:
             out.append((Slot(bias, 0, slot.lo, slot.hi), width))
-        on_output_axis = (slot.tensor == node.output[0] and slot.axis == 1) or \
-            (slot.tensor == node.input[1] and slot.axis == 0) or slot.tensor == bias
-        if depthwise:  # a channel in is a channel out
-            if slot.tensor in (node.input[0], node.output[0]) and slot.axis != 1:
-                raise Blocked("depthwise Conv convolves over that axis")
-            roles[Slot(node.input[1], 0, slot.lo, slot.hi)] = "param"
-            self._depthwise[id(node)] = node
-            if slot.hi - slot.lo != group:
-                raise Blocked("a depthwise Conv's channels split across groups")
-            return out + [(Slot(node.input[0], 1, slot.lo, slot.hi), width)]
         if on_output_axis:
             roles[Slot(node.input[1], 0, slot.lo, slot.hi)] = ("out", node)
             sources.append(node.name or node.output[0])
@@ -394,6 +387,26 @@ class _Finder(LayoutRules):
         if slot.tensor == node.input[1] and slot.axis == 1:  # the weight's input channels: back to its input
             return [(Slot(node.input[0], 1, slot.lo, slot.hi), width)]
         raise Blocked("Conv convolves over that axis")
+
+    def _grouped_conv(self, node, slot: Slot, width: Fraction, roles, shape, on_output_axis: bool, bias) -> list:
+        """A grouped Conv (depthwise: one channel a group) computes each conv group's outputs from that
+        group's inputs alone, so a unit is whole conv groups, input and output channels together
+        (ResNeXt's and RegNet's 3x3s, MobileNet's depthwise ones, a depthwise multiplier's); its
+        `group` shrinks with them. It is sliced as a parameter, not refit."""
+        group, c_out = attribute(node, "group", 1), shape[0]
+        c_in = shape[1] * group
+        if slot.tensor in (node.input[0], node.output[0]) and slot.axis != 1 or \
+                slot.tensor == node.input[1] and slot.axis != 0:
+            raise Blocked("grouped Conv convolves over that axis")
+        if slot.hi - slot.lo != (c_out if on_output_axis else c_in):
+            raise Blocked("a grouped Conv's channels split across groups")
+        w_out = width if on_output_axis else width * Fraction(c_out, c_in)
+        w_in = w_out * Fraction(c_in, c_out)
+        roles[Slot(node.input[1], 0, 0, c_out)] = "param"
+        self._grouped[id(node)] = (node, w_out / (c_out // group))
+        tied = [(Slot(node.output[0], 1, 0, c_out), w_out), (Slot(node.input[1], 0, 0, c_out), w_out),
+                (Slot(node.input[0], 1, 0, c_in), w_in)]
+        return tied + ([(Slot(bias, 0, 0, c_out), w_out)] if bias else [])
 
     def _conv_transpose(self, node, slot: Slot, width: Fraction) -> list:
         """A ConvTranspose without groups (a U-Net's or a generator's upsampling): its input channel c

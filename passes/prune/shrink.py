@@ -57,9 +57,9 @@ def shrink(model: onnx.ModelProto, removals: list[tuple[Group, list[int]]],
         for part in group.splits:
             edit = split_edits.setdefault(id(here(part.node)), [here(part.node), list(part.sizes)])
             edit[1][part.output] -= len(units) * part.width
-        for node in group.depthwise:  # one group a channel: as many groups as channels are left
+        for node, per_unit in group.grouped:  # each unit is whole conv groups (one channel, when depthwise)
             attr = next(a for a in here(node).attribute if a.name == "group")
-            attr.i -= len(units)
+            attr.i -= len(units) * per_unit
     initializers = {t.name: t for t in graph.initializer}
     edited: dict[str, np.ndarray] = {}
     for (name, axis), indices in deletions.items():

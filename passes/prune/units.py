@@ -81,7 +81,8 @@ class Group:
     members: list[Member]
     reshapes: list[ReshapeTarget]
     sources: list[str]  # names of the layers whose output channels the group removes
-    depthwise: list[onnx.NodeProto] = dataclasses.field(default_factory=list)  # their `group` shrinks too
+    # grouped Convs (depthwise ones too) and how many of their conv groups one unit holds: `group` shrinks
+    grouped: list[tuple[onnx.NodeProto, int]] = dataclasses.field(default_factory=list)
     reshaped: bool = False  # a Reshape splits or merges the axis on the way (heads: [.., H * D] -> [.., H, D])
     splits: list[SplitPart] = dataclasses.field(default_factory=list)  # their sizes shrink too
     slices: list[SliceBounds] = dataclasses.field(default_factory=list)  # Slices of the axis: their bounds move
