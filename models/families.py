@@ -12,6 +12,8 @@ exactness, validity), not accuracy. Nothing is trained; weights are seeded.
 - ``densenet``: dense blocks, each layer's output concatenated to all before it.
 - ``resnext``: ResNeXt's bottleneck (a 3x3 Conv in 8 groups between 1x1s, a residual Add), then a
   depthwise Conv with multiplier 2 and a per-channel PReLU.
+- ``groupnorm``: a diffusion U-Net's residual block: GroupNorm (8 groups) and SiLU before each 3x3 Conv,
+  exported as Reshape [N, 8, -1], InstanceNormalization, Reshape back to the input's shape.
 - ``audio_attention``: Conv1d front end, then ``nn.MultiheadAttention`` (its fused input projection
   split into (3, E) with E read off the query at run time).
 
@@ -31,7 +33,7 @@ if __package__ in (None, ""):
 
 from models._common import BUILD_DIR, atomic_path, is_fresh
 
-NAMES = ("shufflenet", "mobilenetv3", "unet", "densenet", "resnext", "audio_attention")
+NAMES = ("shufflenet", "mobilenetv3", "unet", "densenet", "resnext", "groupnorm", "audio_attention")
 SHAPES = {"audio_attention": (40, 50)}  # the others take [N, 3, 32, 32] images
 _SOURCES = (__file__, Path(__file__).with_name("_common.py"))
 
@@ -123,6 +125,21 @@ def _module(name: str):
             x = F.relu(x + self.block(x))
             return self.fc(self.wide(x).mean((2, 3)))
 
+    class GroupNormNet(nn.Module):
+        def __init__(self, c=32):
+            super().__init__()
+            self.inp, self.out = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 3, 3, padding=1)
+            self.norm1, self.conv1 = nn.GroupNorm(8, c), nn.Conv2d(c, 64, 3, padding=1)
+            self.norm2, self.conv2 = nn.GroupNorm(8, 64), nn.Conv2d(64, c, 3, padding=1)
+            for norm in (self.norm1, self.norm2):  # as trained, not as initialized
+                norm.weight.data.uniform_(0.5, 1.5)
+                norm.bias.data.uniform_(-0.2, 0.2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            y = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
+            return self.out(h + y)
+
     class AudioAttention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -136,7 +153,7 @@ def _module(name: str):
             return self.fc(t.mean(1))
 
     classes = {"shufflenet": ShuffleNet, "mobilenetv3": MobileNetV3, "unet": UNet, "densenet": DenseNet,
-               "resnext": ResNeXt, "audio_attention": AudioAttention}
+               "resnext": ResNeXt, "groupnorm": GroupNormNet, "audio_attention": AudioAttention}
     if name not in classes:
         raise ValueError(f"unknown model {name}; one of {', '.join(NAMES)}")
     torch.manual_seed(0)

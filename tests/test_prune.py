@@ -185,6 +185,41 @@ def test_grouped_convs_prune_whole_conv_groups(weight, units):
     assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
 
 
+def group_norm_net() -> onnx.ModelProto:
+    """x [N, 3, 4, 4] -> conv a (8) -> GroupNorm in 4 groups as torch exports it (Reshape [0, 4, -1],
+    InstanceNormalization, Reshape to Shape(a), per-channel scale and shift) -> Relu -> conv b (3)."""
+    inits = conv("a", 3, 8, 3) + conv("b", 8, 3, 1) + [
+        numpy_helper.from_array(np.array([0, 4, -1], np.int64), "groups"),
+        numpy_helper.from_array(np.ones(4, np.float32), "ones"), numpy_helper.from_array(np.zeros(4, np.float32), "zeros"),
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32), "gamma"),
+        numpy_helper.from_array(RNG.uniform(-0.2, 0.2, (8, 1, 1)).astype(np.float32), "beta")]
+    nodes = [helper.make_node("Conv", ["x", "a.w", "a.b"], ["ca"], pads=[1] * 4),
+             helper.make_node("Reshape", ["ca", "groups"], ["grouped"]),
+             helper.make_node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normed"]),
+             helper.make_node("Shape", ["ca"], ["shape"]), helper.make_node("Reshape", ["normed", "shape"], ["back"]),
+             helper.make_node("Mul", ["back", "gamma"], ["scaled"]), helper.make_node("Add", ["scaled", "beta"], ["gn"]),
+             helper.make_node("Relu", ["gn"], ["r"]), helper.make_node("Conv", ["r", "b.w", "b.b"], ["y"])]
+    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_group_norm_prunes_whole_norm_groups():
+    """A unit is one GroupNorm group (2 channels): the Reshape's group count and the InstanceNorm's
+    per-group scale shrink with it, the way back follows a's own shape."""
+    model = group_norm_net()
+    group = group_of(model, "a.w")
+    assert group.units == 4 and not group.reshaped
+    dead = kill(model, group, [1, 2])
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    pruned = _pruned(dead, [(group_of(dead, "a.w"), [1, 2])], {})
+    onnx.checker.check_model(pruned)
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "ones")).shape == (2,)
+    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    changed = _pruned(dead, [(group_of(dead, "a.w"), [0, 3])], {})
+    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+
+
 def conv_transpose_net() -> onnx.ModelProto:
     """x [N, 4, 4, 4]: conv a (8) -> Relu -> ConvTranspose u (6, kernel 2, stride 2), added to conv c (6)
     of x resized x2; Relu -> conv d (3). a's channels are u's inputs; c's are tied to u's outputs."""

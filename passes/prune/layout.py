@@ -158,6 +158,18 @@ class LayoutRules:
                 if self._constant_target(node, b):
                     reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
+            if b < len(result) and _norm_groups(d, result[b], rest_in, rest_out):  # GroupNorm: [.., C, H, W] -> [.., G, L]
+                inner = d // result[b]
+                if slot.lo % inner or slot.hi % inner:
+                    raise Blocked("Reshape splits the axis inside a unit")
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
+                return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
+            if b < len(result) and _norm_groups(result[b], d, rest_out, rest_in):  # and back: [.., G, L] -> [.., C, H, W]
+                inner = result[b] // d
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
+                return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
             inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
             if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
                 self._reshaped = True
@@ -173,6 +185,11 @@ class LayoutRules:
         entry = target_entry(node, b, self.view)
         if entry is not None:
             return entry[2] > 1
+        whole = self.view.producer.get(node.input[1])
+        if whole is not None and whole.op_type == "Shape" and not attribute(whole, "start", 0) and \
+                attribute(whole, "end", None) is None:  # x.shape, all of it (GroupNorm's way back)
+            self._size_reads.append((whole.input[0], b))
+            return False
         read = size_read(target_piece(node, b, self.view), self.view, self.dims)
         if read is None:
             raise Blocked(f"{node.op_type}'s target size at the channel axis is computed")
@@ -189,6 +206,14 @@ class LayoutRules:
             d = result[b]
             if source[a] == d and _same_product(source[a + 1:], result[b + 1:]):
                 return [(Slot(node.input[0], a, slot.lo, slot.hi), width)]
+            if _norm_groups(source[a], d, source[a + 1:], result[b + 1:]):  # the output's G of the input's C
+                inner = source[a] // d
+                return [(Slot(node.input[0], a, slot.lo * inner, slot.hi * inner), width * inner)]
+            if _norm_groups(d, source[a], result[b + 1:], source[a + 1:]):  # the output's C of the input's G
+                inner = d // source[a]
+                if slot.lo % inner or slot.hi % inner:
+                    raise Blocked("Reshape merges the axis inside a unit")
+                return [(Slot(node.input[0], a, slot.lo // inner, slot.hi // inner), width / inner)]
             inner = _merged(source, a, source[a], d, result[b + 1:])
             if inner:  # the output axis merges (H, D...): back to H
                 if slot.lo % inner or slot.hi % inner:
@@ -286,6 +311,17 @@ def _merged(source, a: int, d, merged, rest_out) -> int | None:
         if d * inner == merged and _same_product(source[k + 1:], rest_out):
             return inner
     return None
+
+
+def _norm_groups(whole, part, rest_whole, rest_part) -> bool:
+    """Whether an axis of size `whole` followed by `rest_whole` becomes `part` groups followed by
+    `rest_part`, each group's whole // part channels merged into the first axis after it, as GroupNorm's
+    export writes it: [N, C, H, W] -> [N, G, C / G * H * W], normalized per group, then back."""
+    if not isinstance(whole, int) or not isinstance(part, int) or part <= 1 or whole <= part or whole % part:
+        return False
+    inner = whole // part
+    return bool(rest_part) and isinstance(rest_part[0], int) and rest_part[0] % inner == 0 and \
+        _same_product([inner, *rest_whole], rest_part)
 
 
 def _same_product(a, b) -> bool:
