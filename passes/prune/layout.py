@@ -158,21 +158,21 @@ class LayoutRules:
                 if self._constant_target(node, b):
                     reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
-            if b < len(result) and _norm_groups(d, result[b], rest_in, rest_out):  # GroupNorm: [.., C, H, W] -> [.., G, L]
+            if b < len(result) and _norm_groups(d, result[b], rest_in, rest_out):  # GroupNorm: [.., C, H, W] -> [.., G, -1]
                 inner = d // result[b]
                 if slot.lo % inner or slot.hi % inner:
                     raise Blocked("Reshape splits the axis inside a unit")
                 if self._constant_target(node, b):
                     reshapes.append((node, b, width / inner, slot.lo // inner, slot.hi // inner))
                 return [(Slot(node.output[0], b, slot.lo // inner, slot.hi // inner), width / inner)]
-            if b < len(result) and _norm_groups(result[b], d, rest_out, rest_in):  # and back: [.., G, L] -> [.., C, H, W]
-                inner = result[b] // d
-                if self._constant_target(node, b):
-                    reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
-                return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
             inner = _merged(source, a, d, result[b] if b < len(result) else None, rest_out)
             if inner:  # merge: [.., H, D...] -> [.., H * D...] (a flatten written as a Reshape, too)
                 self._reshaped = True
+                if self._constant_target(node, b):
+                    reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
+                return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
+            if b < len(result) and _norm_groups(result[b], d, rest_out, rest_in):  # GroupNorm's way back (after merges)
+                inner = result[b] // d
                 if self._constant_target(node, b):
                     reshapes.append((node, b, width * inner, slot.lo * inner, slot.hi * inner))
                 return [(Slot(node.output[0], b, slot.lo * inner, slot.hi * inner), width * inner)]
