@@ -95,18 +95,24 @@ def test_groups_follow_residuals_depthwise_convs_and_concats():
     assert any("graph's output y" in b for b in blocked) and len(by_source) == 4
 
 
-@pytest.mark.parametrize("weight, units", [("a.w", [1, 6]), ("b.w", [0, 3, 7]), ("c.w", [2]), ("d.w", [0, 5])])
-def test_removing_dead_units_changes_nothing_and_live_ones_do(weight, units):
-    model = residual_net()
+def prunes_dead_units_exactly(model: onnx.ModelProto, weight: str, units: list[int], x: np.ndarray) -> onnx.ModelProto:
+    """The exactness oracle on the group of `weight`'s layer: with `units` dead, pruning them leaves the
+    output as it was; pruning as many live ones changes it (so the oracle can fail). Returns the
+    model pruned of the dead units."""
     group = group_of(model, weight)
     dead = kill(model, group, units)
-    x = RNG.standard_normal((4, 4, 8, 8)).astype(np.float32)
     pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
     onnx.checker.check_model(pruned)
     np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
     live = [u for u in range(group.units) if u not in units][:len(units)]
     changed = _pruned(dead, [(group_of(dead, weight), live)], {})
     assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+    return pruned
+
+
+@pytest.mark.parametrize("weight, units", [("a.w", [1, 6]), ("b.w", [0, 3, 7]), ("c.w", [2]), ("d.w", [0, 5])])
+def test_removing_dead_units_changes_nothing_and_live_ones_do(weight, units):
+    prunes_dead_units_exactly(residual_net(), weight, units, RNG.standard_normal((4, 4, 8, 8)).astype(np.float32))
 
 
 def upsampling_net(opset: int) -> onnx.ModelProto:
@@ -132,16 +138,7 @@ def upsampling_net(opset: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("opset", [17, 18])
 @pytest.mark.parametrize("weight, units", [("a.w", [1, 6]), ("b.w", [0, 3])])
 def test_channels_pass_through_a_resize_and_a_mean_that_drops_the_spatial_axes(opset, weight, units):
-    model = upsampling_net(opset)
-    group = group_of(model, weight)
-    dead = kill(model, group, units)
-    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
-    onnx.checker.check_model(pruned)
-    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
-    live = [u for u in range(group.units) if u not in units][:len(units)]
-    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
-    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+    prunes_dead_units_exactly(upsampling_net(opset), weight, units, RNG.standard_normal((2, 3, 4, 4)).astype(np.float32))
     scaled = upsampling_net(opset)
     scaled.graph.initializer[-2].CopyFrom(numpy_helper.from_array(np.array([1, 2, 2, 2], np.float32), "scales"))
     assert weight == "b.w" or not any(m.slot.tensor == "a.w" for g in find_groups(scaled)[0] for m in g.members)
@@ -173,16 +170,9 @@ def test_grouped_convs_prune_whole_conv_groups(weight, units):
     model = grouped_net()
     group = group_of(model, weight)
     assert group.units == 4 and [n.output[0] for n, _ in group.grouped] == (["cg"] if weight == "a.w" else ["cm"])
-    dead = kill(model, group, units)
-    x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
-    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
-    onnx.checker.check_model(pruned)
+    pruned = prunes_dead_units_exactly(model, weight, units, RNG.standard_normal((2, 4, 6, 6)).astype(np.float32))
     layer = next(n for n in pruned.graph.node if n.output[0] == ("cg" if weight == "a.w" else "cm"))
     assert next(a.i for a in layer.attribute if a.name == "group") == 2
-    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
-    live = [u for u in range(group.units) if u not in units][:len(units)]
-    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
-    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
 
 
 def group_norm_net() -> onnx.ModelProto:
@@ -210,14 +200,8 @@ def test_group_norm_prunes_whole_norm_groups():
     model = group_norm_net()
     group = group_of(model, "a.w")
     assert group.units == 4 and not group.reshaped
-    dead = kill(model, group, [1, 2])
-    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    pruned = _pruned(dead, [(group_of(dead, "a.w"), [1, 2])], {})
-    onnx.checker.check_model(pruned)
+    pruned = prunes_dead_units_exactly(model, "a.w", [1, 2], RNG.standard_normal((2, 3, 4, 4)).astype(np.float32))
     assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "ones")).shape == (2,)
-    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
-    changed = _pruned(dead, [(group_of(dead, "a.w"), [0, 3])], {})
-    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
 
 
 def conv_transpose_net() -> onnx.ModelProto:
@@ -243,14 +227,7 @@ def test_a_conv_transpose_prunes_on_its_input_and_its_output_side(weight, units)
     model = conv_transpose_net()
     group = group_of(model, weight)
     assert any(m.slot.tensor == "u.w" and m.slot.axis == (0 if weight == "a.w" else 1) for m in group.members)
-    dead = kill(model, group, units)
-    x = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
-    pruned = _pruned(dead, [(group_of(dead, weight), units)], {})
-    onnx.checker.check_model(pruned)
-    np.testing.assert_allclose(ort_run(pruned, {"x": x})[0], ort_run(dead, {"x": x})[0], rtol=1e-5, atol=1e-5)
-    live = [u for u in range(group.units) if u not in units][:len(units)]
-    changed = _pruned(dead, [(group_of(dead, weight), live)], {})
-    assert np.abs(ort_run(changed, {"x": x})[0] - ort_run(dead, {"x": x})[0]).max() > 1e-3  # the oracle can fail
+    prunes_dead_units_exactly(model, weight, units, RNG.standard_normal((2, 4, 4, 4)).astype(np.float32))
 
 
 @pytest.mark.parametrize("target", [[-1, 128], [0, -1]])
